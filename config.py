@@ -1,0 +1,328 @@
+"""One typed configuration for a training run, built once from the command line.
+
+Each flag is declared exactly once, as a field of a frozen dataclass with its help text in the field's
+metadata; the argparse parser and its groups are generated from those fields, so the flag name, the
+attribute name and the key in ``config.json`` are always the same word. ``Config.validate`` raises for
+impossible settings and returns warnings for risky ones; ``build_config`` is the only constructor the CLI uses.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, get_args, get_origin, get_type_hints
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAMES = ("sam_med3d_turbo", "tiny")
+SCHEDULER_TYPES = ("reduce_on_plateau", "cosine", "step")
+PROMPT_MODES = ("clicks", "none", "mixed")
+NORMALIZATIONS = ("zscore", "minmax", "none")
+DEVICES = ("auto", "cuda", "cpu")
+
+
+class ConfigError(ValueError):
+    """Raised when the requested settings cannot work; ``problems`` has one line per problem."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def _flag(help: str, *, flag: str | None = None, choices: Sequence[str] | None = None, metavar: str | None = None,
+          default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that also carries its command-line description."""
+    metadata = {"help": help, "flag": flag, "choices": choices, "metavar": metavar}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the cohort lives and how volumes are preprocessed and sampled."""
+
+    train_csv: str | None = _flag("CSV with columns path,ich,patient_id for training scans.", default=None)
+    val_csv: str | None = _flag("CSV with columns path,ich,patient_id for validation scans.", default=None)
+    mask_dir: str | None = _flag("Folder of binary NIfTI masks named after the image file number (049.pkl -> 049.nii).",
+                                 default=None)
+    cache_dir: str | None = _flag("Folder for preprocessed volumes (default: <output_dir>/cache).", default=None)
+    spacing: tuple[float, float, float] = _flag(
+        "Fallback voxel spacing in mm (array axis order) for scans whose pkl and mask carry none.",
+        default=(1.0, 1.0, 1.0), metavar="MM")
+    target_spacing: tuple[float, float, float] = _flag(
+        "Resample every scan to this spacing in mm; SAM-Med3D was pretrained at 1.5 mm isotropic.",
+        default=(1.5, 1.5, 1.5), metavar="MM")
+    hu_window: tuple[float, float] = _flag(
+        "Clip raw HU to [low, high] before normalisation: keeps brain, blood and CSF, saturates bone.",
+        default=(-100.0, 200.0), metavar="HU")
+    normalization: str = _flag("Intensity normalisation after windowing.", default="zscore", choices=NORMALIZATIONS)
+    positive_crop_fraction: float = _flag(
+        "Fraction of training crops centred on hemorrhage in ICH-positive scans.", default=0.75)
+    augmentation_prob: float = _flag("Probability of each random augmentation (flip, affine, intensity).",
+                                     default=0.3)
+    num_workers: int | None = _flag("DataLoader worker processes (default: chosen from CPU count and free RAM).",
+                                    default=None)
+    allow_patient_overlap: bool = _flag(
+        "Allow the same patient_id in train and val (patient leakage inflates validation scores).", default=False)
+    cache_in_memory: bool = _flag("Keep preprocessed volumes in RAM as well as on disk (off: --no-cache_in_memory).",
+                                  default=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which SAM-Med3D variant to build and how to initialise it."""
+
+    name: str = _flag("Architecture: the real ViT-B at 128^3, or a tiny variant at 64^3 for tests.",
+                      flag="model", default="sam_med3d_turbo", choices=MODEL_NAMES)
+    pretrained_checkpoint: str | None = _flag(
+        "SAM-Med3D weights: a local .pth path, or 'turbo' for the published SAM-Med3D-turbo file.", default=None)
+    visual_tokens: int = _flag("Width of the visual tokens produced for the BLIP-2 path.", default=256)
+    freeze_encoder: bool = _flag("Freeze the image encoder; train prompt encoder, decoder and heads only.",
+                                 default=False)
+    use_gradient_checkpointing: bool = _flag("Recompute encoder blocks in backward to save activation memory.",
+                                             default=False)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, prompting, validation and checkpointing."""
+
+    output_dir: str = _flag("Folder for checkpoints, logs and summaries.", default="./outputs")
+    epochs: int = _flag("Maximum number of epochs.", default=200)
+    batch_size: int = _flag("Crops per optimisation micro-batch.", default=2)
+    lr: float = _flag("Peak learning rate (AdamW).", default=1e-4)
+    weight_decay: float = _flag("AdamW weight decay.", default=1e-4)
+    gradient_accumulation_steps: int = _flag("Micro-batches per optimiser step.", default=4)
+    max_grad_norm: float = _flag("Clip the global gradient norm to this value (0 disables clipping).", default=1.0)
+    scheduler_type: str = _flag("Learning-rate schedule.", default="reduce_on_plateau", choices=SCHEDULER_TYPES)
+    warmup_epochs: int = _flag("Linear warm-up epochs for the cosine schedule.", default=2)
+    step_size: int = _flag("Epochs between decays for the step schedule.", default=30)
+    lr_decay_factor: float = _flag("Multiplicative decay for the step and plateau schedules.", default=0.5)
+    patience: int = _flag("Early stopping: validations without Dice improvement before stopping.", default=15)
+    use_mixed_precision: bool = _flag("bf16 autocast where supported, else fp16 with gradient scaling.",
+                                      default=False)
+    prompt_mode: str = _flag("Prompts during training: simulated clicks, none (automatic), or a mix of both.",
+                             default="mixed", choices=PROMPT_MODES)
+    click_rounds: int = _flag("Simulated click rounds per batch in click mode (first click + corrections).",
+                              default=3)
+    ich_loss_weight: float = _flag("Weight of the BCE loss on the ICH-presence logit.", default=0.5)
+    seed: int = _flag("Random seed for data sampling, augmentation and initialisation.", default=42)
+    device: str = _flag("Compute device.", default="auto", choices=DEVICES)
+    val_every: int = _flag("Validate every N epochs.", default=1)
+    max_steps_per_epoch: int | None = _flag("Cap micro-batches per epoch (quick experiments).", default=None)
+    resume: str | None = _flag("Resume: 'auto' (latest_model.pth in output_dir if present) or a checkpoint path.",
+                               default=None)
+    save_every: int = _flag("Also keep an epoch snapshot every N epochs (0: only latest and best).", default=0)
+    keep_checkpoints: int = _flag("Number of epoch snapshots to keep when --save_every is set.", default=3)
+    max_nonfinite_steps: int = _flag("Abort after this many consecutive non-finite losses.", default=5)
+    compile: bool = _flag("Wrap the model in torch.compile (GPU).", default=False)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Experiment tracking and pictures."""
+
+    use_wandb: bool = _flag("Log to Weights & Biases (offline automatically without API key or network).",
+                            default=False)
+    wandb_project: str = _flag("wandb project.", default="ichseg")
+    wandb_entity: str | None = _flag("wandb entity (user or team).", default=None)
+    log_images: bool = _flag("Save validation overlays as PNG (and to wandb) every --log_freq epochs.",
+                             default=False)
+    log_freq: int = _flag("Epochs between image logs.", default=5)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run: one immutable object, saved verbatim to config.json and into every checkpoint."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    test: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        """Rebuild from ``to_dict`` output (config.json or a checkpoint); unknown keys are an error."""
+        sections = {}
+        for section in _SECTIONS:
+            values = dict(raw.get(section.name, {}))
+            known = {f.name: f for f in dataclasses.fields(section.type_)}
+            unknown = sorted(set(values) - set(known))
+            if unknown:
+                raise ConfigError([f"unknown {section.name} settings in saved config: {', '.join(unknown)}"])
+            hints = get_type_hints(section.type_)
+            for key, value in values.items():
+                if isinstance(value, list):
+                    values[key] = tuple(value)
+                elif value is not None and hints[key] is float and isinstance(value, int):
+                    values[key] = float(value)
+            sections[section.name] = section.type_(**values)
+        return cls(**sections, test=bool(raw.get("test", False)))
+
+    def validate(self) -> list[str]:
+        """Raise ConfigError listing every impossible setting; return warnings for risky ones."""
+        problems: list[str] = []
+        warnings: list[str] = []
+        d, m, t, lg = self.data, self.model, self.train, self.log
+
+        if not self.test:
+            for name in ("train_csv", "val_csv", "mask_dir"):
+                if getattr(d, name) is None:
+                    problems.append(f"--{name} is required (or use --test for the synthetic self-check)")
+            for name in ("train_csv", "val_csv"):
+                path = getattr(d, name)
+                if path is not None and not Path(path).is_file():
+                    problems.append(f"--{name} {path}: file not found")
+            if d.mask_dir is not None and not Path(d.mask_dir).is_dir():
+                problems.append(f"--mask_dir {d.mask_dir}: folder not found")
+        positive = {"batch_size": t.batch_size, "epochs": t.epochs,
+                    "gradient_accumulation_steps": t.gradient_accumulation_steps, "val_every": t.val_every,
+                    "click_rounds": t.click_rounds, "visual_tokens": m.visual_tokens, "log_freq": lg.log_freq,
+                    "max_nonfinite_steps": t.max_nonfinite_steps, "step_size": t.step_size,
+                    "patience": t.patience}
+        for name, value in positive.items():
+            if value < 1:
+                problems.append(f"--{name} must be >= 1, got {value}")
+        if t.max_steps_per_epoch is not None and t.max_steps_per_epoch < 1:
+            problems.append(f"--max_steps_per_epoch must be >= 1, got {t.max_steps_per_epoch}")
+        if not t.lr > 0:
+            problems.append(f"--lr must be > 0, got {t.lr}")
+        for name, value in (("weight_decay", t.weight_decay), ("max_grad_norm", t.max_grad_norm),
+                            ("ich_loss_weight", t.ich_loss_weight), ("warmup_epochs", t.warmup_epochs),
+                            ("save_every", t.save_every), ("keep_checkpoints", t.keep_checkpoints)):
+            if value < 0:
+                problems.append(f"--{name} must be >= 0, got {value}")
+        if not 0 < t.lr_decay_factor < 1:
+            problems.append(f"--lr_decay_factor must be in (0, 1), got {t.lr_decay_factor}")
+        for name, value in (("positive_crop_fraction", d.positive_crop_fraction),
+                            ("augmentation_prob", d.augmentation_prob)):
+            if not 0.0 <= value <= 1.0:
+                problems.append(f"--{name} must be in [0, 1], got {value}")
+        if d.num_workers is not None and d.num_workers < 0:
+            problems.append(f"--num_workers must be >= 0, got {d.num_workers}")
+        for name, spacing in (("spacing", d.spacing), ("target_spacing", d.target_spacing)):
+            if any(not s > 0 for s in spacing):
+                problems.append(f"--{name} values must be > 0 mm, got {' '.join(map(str, spacing))}")
+        if not d.hu_window[0] < d.hu_window[1]:
+            problems.append(f"--hu_window needs low < high, got {d.hu_window[0]} {d.hu_window[1]}")
+        if m.pretrained_checkpoint not in (None, "turbo") and not Path(m.pretrained_checkpoint).is_file():
+            problems.append(f"--pretrained_checkpoint {m.pretrained_checkpoint}: file not found "
+                            "(pass a local .pth path or 'turbo')")
+        if t.resume not in (None, "auto") and not Path(t.resume).is_file():
+            problems.append(f"--resume {t.resume}: file not found (pass a checkpoint path or 'auto')")
+        if problems:
+            raise ConfigError(problems)
+
+        if t.use_mixed_precision and t.device == "cpu":
+            warnings.append("--use_mixed_precision on CPU runs bf16 autocast, which is often slower than fp32 there")
+        if t.patience >= t.epochs:
+            warnings.append(f"--patience {t.patience} >= --epochs {t.epochs}: early stopping can never trigger")
+        effective = t.batch_size * t.gradient_accumulation_steps
+        if effective > 128:
+            warnings.append(f"effective batch {effective} (batch_size x accumulation) is unusually large for "
+                            "fine-tuning; consider a smaller --gradient_accumulation_steps")
+        if t.lr > 1e-3:
+            warnings.append(f"--lr {t.lr} is high for fine-tuning a pretrained model (typical: 1e-5 .. 2e-4)")
+        if m.freeze_encoder and m.pretrained_checkpoint is None:
+            warnings.append("--freeze_encoder without --pretrained_checkpoint freezes a randomly initialised "
+                            "encoder; the segmentation will be poor")
+        if m.name == "sam_med3d_turbo" and m.pretrained_checkpoint is None and not self.test:
+            warnings.append("training sam_med3d_turbo from scratch: pass --pretrained_checkpoint to fine-tune")
+        if t.scheduler_type == "cosine" and t.warmup_epochs >= t.epochs:
+            warnings.append(f"--warmup_epochs {t.warmup_epochs} >= --epochs {t.epochs}: the run never leaves warm-up")
+        if lg.log_images and not lg.use_wandb:
+            logger.debug("--log_images without --use_wandb: overlays are saved as PNG only")
+        return warnings
+
+    def save(self, path: str | os.PathLike) -> None:
+        from utils import atomic_write_text  # local import keeps config importable on its own
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+
+
+@dataclass(frozen=True)
+class _Section:
+    name: str
+    type_: type
+    title: str
+
+
+_SECTIONS = (
+    _Section("data", DataConfig, "data and preprocessing"),
+    _Section("model", ModelConfig, "model"),
+    _Section("train", TrainConfig, "training"),
+    _Section("log", LogConfig, "logging and tracking"),
+)
+
+
+def _add_field_argument(group: argparse._ArgumentGroup, section: str, f: dataclasses.Field, hint: Any) -> None:
+    meta = f.metadata
+    flag = "--" + (meta.get("flag") or f.name)
+    dest = f"{section}.{f.name}"
+    default = f.default
+    kwargs: dict[str, Any] = {"dest": dest, "default": default, "help": meta["help"]}
+    if meta.get("choices"):
+        kwargs["choices"] = meta["choices"]
+    if meta.get("metavar"):
+        kwargs["metavar"] = meta["metavar"]
+    elif not meta.get("choices") and hint is not bool:
+        kwargs["metavar"] = f.name.upper()
+    base = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) is not None else [hint]
+    if hint is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+        kwargs["help"] += f" (default: {'on' if default else 'off'})"
+    elif get_origin(hint) is tuple:
+        kwargs["type"] = float
+        kwargs["nargs"] = len(get_args(hint))
+        kwargs["help"] += f" (default: {' '.join(map(str, default))})"
+    else:
+        scalar = base[0] if base else str
+        kwargs["type"] = scalar
+        kwargs["help"] += f" (default: {default})"
+    group.add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Fine-tune SAM-Med3D to segment intracranial hemorrhage on brain CT.",
+    )
+    parser.add_argument("--test", action="store_true",
+                        help="Quick self-check: train the tiny model on a generated synthetic cohort and report "
+                             "PASS/FAIL.")
+    for section in _SECTIONS:
+        group = parser.add_argument_group(section.title)
+        hints = get_type_hints(section.type_)
+        for f in dataclasses.fields(section.type_):
+            _add_field_argument(group, section.name, f, hints[f.name])
+    return parser
+
+
+def build_config(argv: Sequence[str] | None = None) -> tuple[Config, list[str]]:
+    """Parse ``argv`` into a validated Config; returns it with the list of warnings.
+
+    Raises ConfigError for impossible settings (the CLI turns it into exit code 2).
+    """
+    namespace = vars(build_parser().parse_args(argv))
+    sections = {}
+    for section in _SECTIONS:
+        prefix = section.name + "."
+        values = {key[len(prefix):]: value for key, value in namespace.items() if key.startswith(prefix)}
+        values = {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
+        sections[section.name] = section.type_(**values)
+    config = Config(**sections, test=namespace["test"])
+    return config, config.validate()
+
+
+def replace_section(config: Config, section: str, **changes: Any) -> Config:
+    """A copy of ``config`` with some fields of one section changed (the config itself stays frozen)."""
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
