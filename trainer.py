@@ -1,0 +1,678 @@
+"""The training lifecycle: one Trainer whose ``fit()`` reads like a table of contents.
+
+fit → on_fit_start (resume, tracking) → for each epoch: train_epoch → validate (every ``val_every``) →
+on_epoch_end (schedule, checkpoints, early stopping, logs) → on_fit_end (summary).
+
+Pieces that are pure decisions (learning-rate factor, early stopping, click sampling, precision choice) are small
+functions or classes at the top so they can be unit-tested without a model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from torch import nn
+from tqdm import tqdm
+
+import metrics
+from config import Config
+from inference import autocast_context, click_refined_logits, interior_point, sliding_window_logits
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT_VERSION = 1
+LATEST_NAME = "latest_model.pth"
+BEST_NAME = "best_model.pth"
+ENCODER_NAME = "sam_encoder.pth"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses: training diverged."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; ``latest_model.pth`` was written and the run can be resumed."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pure pieces
+# --------------------------------------------------------------------------------------------------------------
+
+def choose_amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 where the device supports it (CPU, Ampere+ GPUs), fp16 on older GPUs, None when AMP is off."""
+    if not enabled:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def cosine_warmup_factor(epoch: int, warmup_epochs: int, total_epochs: int, min_factor: float = 0.01) -> float:
+    """LR multiplier for ``epoch`` (0-based): linear warm-up to 1, then cosine decay to ``min_factor``."""
+    if warmup_epochs > 0 and epoch < warmup_epochs:
+        return (epoch + 1) / (warmup_epochs + 1)
+    span = max(total_epochs - warmup_epochs, 1)
+    progress = min(max(epoch - warmup_epochs, 0) / span, 1.0)
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LRScheduler | \
+        torch.optim.lr_scheduler.ReduceLROnPlateau:
+    """The per-epoch LR schedule named by ``--scheduler_type``; plateau is keyed on validation Dice (mode max)."""
+    t = config.train
+    if t.scheduler_type == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda epoch: cosine_warmup_factor(epoch, t.warmup_epochs, t.epochs))
+    if t.scheduler_type == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.step_size, gamma=t.lr_decay_factor)
+    if t.scheduler_type == "reduce_on_plateau":
+        # Reduce well before early stopping gives up, so a lower rate gets a chance to help.
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=t.lr_decay_factor,
+                                                          patience=max(1, t.patience // 3))
+    raise ValueError(f"unknown scheduler_type {t.scheduler_type!r}; expected cosine, step or reduce_on_plateau")
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """Stop after ``patience`` validations without an improvement of the monitored metric (higher is better)."""
+
+    patience: int
+    min_delta: float = 0.0
+    best: float = -math.inf
+    best_epoch: int = -1
+    bad_validations: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record a validation result; returns True when it is a new best."""
+        if not math.isnan(value) and value > self.best + self.min_delta:
+            self.best, self.best_epoch, self.bad_validations = value, epoch, 0
+            return True
+        self.bad_validations += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_validations >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def group_sizes(num_batches: int, accumulation: int) -> list[int]:
+    """Micro-batches in each optimiser step of an epoch; the last group may be short and still steps."""
+    full, rest = divmod(num_batches, accumulation)
+    return [accumulation] * full + ([rest] if rest else [])
+
+
+def sample_clicks(target: torch.Tensor, prediction: torch.Tensor | None,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One simulated click per sample, drawn uniformly from the current error region.
+
+    Args:
+        target: B×1×D×H×W ground truth in {0, 1}.
+        prediction: B×1×D×H×W boolean prediction of the previous round, or None before the first round
+            (then the error region is the whole hemorrhage: the first click is a positive point inside it).
+        generator: CPU generator; its state is checkpointed so resumed runs draw the same clicks.
+    Returns:
+        points B×1×3 float (d, h, w voxel coordinates) and labels B×1 long: 1 where the click falls on missed
+        hemorrhage (false negative), 0 on a false positive. A sample with no error (perfect, or an empty target
+        before any prediction) gets a negative click on a random background voxel.
+    """
+    truth = target[:, 0] > 0.5
+    errors = truth.clone() if prediction is None else truth ^ prediction[:, 0].bool()
+    batch, spatial = truth.shape[0], truth.shape[1:]
+    points = torch.empty(batch, 1, 3)
+    labels = torch.empty(batch, 1, dtype=torch.long)
+    for i in range(batch):
+        region = errors[i] if errors[i].any() else ~truth[i]
+        if not region.any():  # the whole crop is hemorrhage and predicted so: click inside it
+            region = truth[i]
+        # Sampling the flat index through the weights keeps everything on the generator (reproducible).
+        flat = region.flatten().float().cpu()
+        index = int(torch.multinomial(flat, 1, generator=generator).item())
+        coords = torch.unravel_index(torch.tensor(index), spatial)
+        points[i, 0] = torch.stack(coords).float()
+        labels[i, 0] = int(truth[i].flatten()[index].item())
+    return points.to(target.device), labels.to(target.device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The forward used for training: one encoder pass, several decoder rounds, inside one module call so that a
+# DistributedDataParallel wrapper sees a single forward (its gradient hooks are armed per forward call).
+# --------------------------------------------------------------------------------------------------------------
+
+class PromptedSegmentation(nn.Module):
+    """Wraps a SamMed3D for training: prompt-free decoding or iterative click rounds reusing the features."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, click_rounds: int,
+                generator: torch.Generator) -> dict[str, Any]:
+        """images, labels: B×1×S×S×S. Returns ``masks`` (list of B×1×S×S×S logits, one per round) and
+        ``ich_logit`` (B). ``click_rounds == 0`` is the automatic, prompt-free mode."""
+        features = self.model.encode(images)
+        represented = self.model.represent(features)
+        if click_rounds == 0:
+            return {"masks": [self.model.decode(features)["masks"]], "ich_logit": represented["ich_logit"]}
+        masks: list[torch.Tensor] = []
+        points = point_labels = low_res = previous = None
+        for _ in range(click_rounds):
+            new_points, new_labels = sample_clicks(labels, previous, generator)
+            points = new_points if points is None else torch.cat([points, new_points], dim=1)
+            point_labels = new_labels if point_labels is None else torch.cat([point_labels, new_labels], dim=1)
+            out = self.model.decode(features, points=points, point_labels=point_labels, mask_prompt=low_res)
+            masks.append(out["masks"])
+            # The next round corrects this round's answer; the prompt itself carries no gradient, as in SAM.
+            low_res = out["low_res_masks"].detach()
+            previous = out["masks"].detach() > 0
+        return {"masks": masks, "ich_logit": represented["ich_logit"]}
+
+
+class SegmentationLoss(nn.Module):
+    """Dice + cross-entropy on mask logits (MONAI), averaged over prompt rounds, plus weighted BCE on the
+    ICH-presence logit. The ICH target is crop-level: 1 when the crop contains any hemorrhage voxel."""
+
+    def __init__(self, ich_weight: float):
+        super().__init__()
+        # batch=False: Dice per sample then mean, so accumulating micro-batches equals one big batch.
+        self.mask_loss = DiceCELoss(sigmoid=True, batch=False, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.ich_weight = ich_weight
+
+    def forward(self, masks: list[torch.Tensor], ich_logit: torch.Tensor | None,
+                labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        mask_loss = torch.stack([self.mask_loss(m.float(), labels) for m in masks]).mean()
+        total = mask_loss
+        parts = {"mask_loss": float(mask_loss.detach())}
+        if ich_logit is not None and self.ich_weight > 0:
+            ich_target = (labels.flatten(1).amax(dim=1) > 0.5).float()
+            ich_loss = F.binary_cross_entropy_with_logits(ich_logit.float(), ich_target)
+            total = total + self.ich_weight * ich_loss
+            parts["ich_loss"] = float(ich_loss.detach())
+        return total, parts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class EpochProgress:
+    """Where an interrupted epoch stopped, so a resumed run replays it exactly from there."""
+
+    epoch: int = 0
+    batches_done: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    nonfinite_skipped: int = 0
+    oom_skipped: int = 0
+
+
+class Trainer:
+    """Fine-tunes a SamMed3D on hemorrhage crops; see the module docstring for the lifecycle.
+
+    Collaborators are passed in (nothing is built from globals): the model, the two loaders, the device, the
+    config, an experiment tracker and the helpers that write files. Only rank 0 writes files and logs.
+    """
+
+    def __init__(self, config: Config, model: nn.Module, train_loader: Any, val_loader: Any,
+                 device: torch.device, tracker: Any, output_dir: Path, *, rank: int = 0, world_size: int = 1,
+                 set_loader_epoch: Callable[[Any, int], None] | None = None,
+                 extra_summary: dict[str, Any] | None = None):
+        import utils  # local: utils pulls in matplotlib/psutil, which the pure helpers above do not need
+
+        self.utils = utils
+        self.config = config
+        self.model = model.to(device)
+        self.device = device
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.tracker = tracker
+        self.output_dir = Path(output_dir)
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0
+        self.set_loader_epoch = set_loader_epoch or (lambda loader, epoch: None)
+        self.extra_summary = extra_summary or {}
+        t = config.train
+
+        self.roi_size = int(model.img_size)
+        self.amp_dtype = choose_amp_dtype(device, t.use_mixed_precision)
+        # GradScaler only matters for fp16; enabled=False makes every call a no-op, keeping one code path.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the model has no trainable parameters (is everything frozen?)")
+        self.optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.loss_fn = SegmentationLoss(t.ich_loss_weight)
+        self.early_stopping = EarlyStopping(patience=t.patience)
+        self.prompt_generator = torch.Generator().manual_seed(t.seed + 1)
+
+        step_module: nn.Module = PromptedSegmentation(self.model)
+        if world_size > 1:
+            # Prompt-free rounds leave the point embeddings unused, hence find_unused_parameters.
+            step_module = nn.parallel.DistributedDataParallel(
+                step_module, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=True)
+        if t.compile:
+            step_module = torch.compile(step_module)
+        self.step_module = step_module
+
+        self.start_epoch = 0
+        self.global_step = 0
+        self.progress = EpochProgress()
+        self.history: list[dict[str, Any]] = []
+        self.stop_reason = "max_epochs"
+        self.consecutive_nonfinite = 0
+        self._stop_signal: int | None = None
+        self.memory = utils.MemoryMonitor(device)
+        self.eta = utils.EtaEstimator()
+        self.metrics_csv = utils.MetricsCsvLogger(self.output_dir / "metrics.csv") if self.is_main else None
+        self.fit_started = 0.0
+
+    # ---------------------------------------------------------------------------------------------- lifecycle
+    def fit(self) -> dict[str, Any]:
+        """Train until ``epochs``, early stopping or a signal; returns the training summary."""
+        self.on_fit_start()
+        try:
+            with self._signals_handled():
+                for epoch in range(self.start_epoch, self.config.train.epochs):
+                    self.on_epoch_start(epoch)
+                    train_stats = self.train_epoch(epoch)
+                    val_stats = self.validate(epoch) if self._is_validation_epoch(epoch) else {}
+                    self.on_epoch_end(epoch, train_stats, val_stats)
+                    if self.early_stopping.should_stop:
+                        self.stop_reason = "early_stopping"
+                        logger.info("early stopping: no validation Dice improvement for %d validations (best "
+                                    "%.4f at epoch %d)", self.early_stopping.patience, self.early_stopping.best,
+                                    self.early_stopping.best_epoch + 1)
+                        break
+        except BaseException:
+            self.tracker.finish()  # keep the wandb run resumable rather than left half-open
+            raise
+        return self.on_fit_end()
+
+    def on_fit_start(self) -> None:
+        self.fit_started = time.time()
+        if self.config.train.resume:
+            self._resume(self.config.train.resume)
+        if self.is_main:
+            self.metrics_csv.truncate_after(self.start_epoch)
+        self.tracker.start(run_id=getattr(self, "_resumed_run_id", None))
+        logger.info("training %s for epochs %d..%d on %s (AMP: %s, %d trainable parameters)",
+                    self.config.model.name, self.start_epoch + 1, self.config.train.epochs, self.device,
+                    self.amp_dtype or "off", sum(p.numel() for p in self.model.parameters() if p.requires_grad))
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.memory.reset()
+        self.set_loader_epoch(self.train_loader, epoch)
+        if self.progress.epoch != epoch:
+            self.progress = EpochProgress(epoch=epoch)
+
+    def on_epoch_end(self, epoch: int, train_stats: dict[str, Any], val_stats: dict[str, Any]) -> None:
+        improved = False
+        if val_stats:
+            improved = self.early_stopping.update(val_stats["val_dice"], epoch)
+        self._step_scheduler(val_stats)
+        record = {"epoch": epoch + 1, **train_stats, **val_stats, "lr": self._current_lr(),
+                  "best_val_dice": self.early_stopping.best if self.early_stopping.best > -math.inf else None,
+                  **self.memory.snapshot()}
+        self.history.append(record)
+        self.progress = EpochProgress(epoch=epoch + 1)
+        self.start_epoch = epoch + 1
+        if self.is_main:
+            self.save_checkpoint(self.output_dir / LATEST_NAME)
+            if improved:
+                self.save_checkpoint(self.output_dir / BEST_NAME)
+                self.export_encoder(self.output_dir / ENCODER_NAME, epoch, val_stats["val_dice"])
+            if self.config.train.save_every and (epoch + 1) % self.config.train.save_every == 0:
+                self.save_checkpoint(self.output_dir / f"checkpoint_epoch_{epoch + 1:04d}.pth")
+                self.utils.cleanup_checkpoints(self.output_dir, self.config.train.keep_checkpoints)
+            self.metrics_csv.append(record)
+            self.utils.plot_learning_curves(self.history, self.output_dir / "learning_curves.png")
+            self.tracker.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=epoch + 1)
+        self.eta.update(record["epoch_time_s"])
+        remaining = self.eta.eta_seconds(self.config.train.epochs - epoch - 1)
+        logger.info("epoch %d/%d  loss %.4f  val Dice %s (1-click %s)  lr %.2e  %s  ETA %s%s",
+                    epoch + 1, self.config.train.epochs, train_stats["train_loss"],
+                    _fmt(val_stats.get("val_dice")), _fmt(val_stats.get("val_dice_1click")), self._current_lr(),
+                    self.utils.format_duration(record["epoch_time_s"]), self.utils.format_duration(remaining),
+                    "  (new best)" if improved else "")
+
+    def on_fit_end(self) -> dict[str, Any]:
+        summary = {
+            "config": self.config.to_dict(),
+            **self.extra_summary,
+            "history": self.history,
+            "best_epoch": self.early_stopping.best_epoch + 1 if self.early_stopping.best_epoch >= 0 else None,
+            "best_val_dice": self.early_stopping.best if self.early_stopping.best > -math.inf else None,
+            "best_metrics": next((h for h in self.history if h["epoch"] == self.early_stopping.best_epoch + 1),
+                                 None),
+            "stop_reason": self.stop_reason,
+            "epochs_completed": self.start_epoch,
+            "global_step": self.global_step,
+            "total_time_s": time.time() - self.fit_started,
+            "peak_memory": {key: max((h.get(key) or 0.0) for h in self.history) if self.history else None
+                            for key in ("peak_rss_gb", "peak_gpu_allocated_gb", "peak_gpu_reserved_gb")},
+            "system": self.utils.collect_system_info(self.device),
+        }
+        if self.is_main:
+            path = self.utils.write_training_summary(self.output_dir, summary)
+            summary["summary_path"] = str(path)
+        self.tracker.finish()
+        return summary
+
+    # ------------------------------------------------------------------------------------------------ training
+    def _choose_click_rounds(self) -> int:
+        mode = self.config.train.prompt_mode
+        if mode == "none":
+            return 0
+        if mode == "clicks":
+            return self.config.train.click_rounds
+        # mixed: half the batches automatic, half interactive; drawn from the checkpointed prompt generator.
+        automatic = torch.rand(1, generator=self.prompt_generator).item() < 0.5
+        return 0 if automatic else self.config.train.click_rounds
+
+    def _batches(self, epoch: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        limit = self.config.train.max_steps_per_epoch
+        for index, batch in enumerate(self.train_loader):
+            if limit is not None and index >= limit:
+                return
+            if index < self.progress.batches_done:
+                continue  # replaying an interrupted epoch: these micro-batches were already trained on
+            yield index, batch
+
+    def epoch_length(self) -> int:
+        length = len(self.train_loader)
+        limit = self.config.train.max_steps_per_epoch
+        return min(length, limit) if limit is not None else length
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over the training loader with exact gradient accumulation."""
+        self.model.train()
+        t = self.config.train
+        num_batches = self.epoch_length()
+        sizes = group_sizes(num_batches, t.gradient_accumulation_steps)
+        started = time.time()
+        data_time = compute_time = 0.0
+        progress = self.progress
+        bar = tqdm(total=num_batches, initial=progress.batches_done, desc=f"epoch {epoch + 1}/{t.epochs}",
+                   disable=not self.is_main, leave=False, dynamic_ncols=True)
+        fetch_started = time.time()
+        for index, batch in self._batches(epoch):
+            data_time += time.time() - fetch_started
+            step_started = time.time()
+            group_size = sizes[index // t.gradient_accumulation_steps]
+            loss = self._train_micro_batch(batch, group_size)
+            if loss is not None:
+                progress.loss_sum += loss
+                progress.loss_count += 1
+            progress.batches_done = index + 1
+            if progress.batches_done % t.gradient_accumulation_steps == 0 or progress.batches_done == num_batches:
+                self._optimizer_step()
+                if self._stop_signal is not None:
+                    bar.close()
+                    self._interrupt()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()  # honest compute time; the data-wait split is what we report
+            compute_time += time.time() - step_started
+            self.memory.sample()
+            bar.update(1)
+            bar.set_postfix(loss=f"{progress.loss_sum / max(progress.loss_count, 1):.4f}",
+                            lr=f"{self._current_lr():.1e}")
+            fetch_started = time.time()
+        bar.close()
+        mean_loss = progress.loss_sum / progress.loss_count if progress.loss_count else math.nan
+        elapsed = time.time() - started
+        return {"train_loss": self._all_reduce_mean(mean_loss), "epoch_time_s": elapsed,
+                "data_time_s": data_time, "compute_time_s": compute_time,
+                "data_wait_fraction": data_time / elapsed if elapsed > 0 else 0.0,
+                "nonfinite_skipped": progress.nonfinite_skipped, "oom_skipped": progress.oom_skipped}
+
+    def _train_micro_batch(self, batch: dict[str, Any], group_size: int) -> float | None:
+        """Forward and backward of one micro-batch; returns its loss, or None when the batch was skipped."""
+        images = batch["image"].to(self.device, non_blocking=True)
+        labels = batch["label"].to(self.device, non_blocking=True)
+        rounds = self._choose_click_rounds()
+        try:
+            with autocast_context(self.device, self.amp_dtype):
+                out = self.step_module(images, labels, rounds, self.prompt_generator)
+                loss, _ = self.loss_fn(out["masks"], out["ich_logit"], labels)
+            # A host sync per micro-batch, accepted so that a NaN never reaches the weights.
+            if not torch.isfinite(loss):
+                self._on_nonfinite_loss(batch)
+                return None
+            self.consecutive_nonfinite = 0
+            self.scaler.scale(loss / group_size).backward()
+            return float(loss.detach())
+        except torch.OutOfMemoryError:
+            self._on_out_of_memory(batch)
+            return None
+
+    def _on_nonfinite_loss(self, batch: dict[str, Any]) -> None:
+        self.progress.nonfinite_skipped += 1
+        self.consecutive_nonfinite += 1
+        logger.warning("non-finite loss on %s: micro-batch skipped (%d in a row)",
+                       ", ".join(map(str, batch.get("case_id", []))), self.consecutive_nonfinite)
+        if self.consecutive_nonfinite >= self.config.train.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.consecutive_nonfinite} consecutive non-finite losses: training diverged. Lower --lr, "
+                "keep --max_grad_norm > 0, or disable --use_mixed_precision; resume from best_model.pth.")
+
+    def _on_out_of_memory(self, batch: dict[str, Any]) -> None:
+        self.progress.oom_skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.warning("out of memory on %s: micro-batch skipped (the group's gradients were dropped). Try a "
+                       "smaller --batch_size with larger --gradient_accumulation_steps, --use_gradient_checkpointing "
+                       "or --use_mixed_precision.", ", ".join(map(str, batch.get("case_id", []))))
+
+    def _optimizer_step(self) -> None:
+        """Unscale, clip, step, and clear the gradients of the finished accumulation group."""
+        t = self.config.train
+        has_grad = any(p.grad is not None for p in self.model.parameters())
+        if has_grad:
+            self.scaler.unscale_(self.optimizer)
+            if t.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                               t.max_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.global_step += 1
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _step_scheduler(self, val_stats: dict[str, Any]) -> None:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if val_stats and not math.isnan(val_stats["val_dice"]):
+                self.scheduler.step(val_stats["val_dice"])
+        else:
+            self.scheduler.step()
+
+    def _current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # ---------------------------------------------------------------------------------------------- validation
+    def _is_validation_epoch(self, epoch: int) -> bool:
+        every = self.config.train.val_every
+        return (epoch + 1) % every == 0 or epoch + 1 == self.config.train.epochs
+
+    @torch.no_grad()
+    def validate(self, epoch: int) -> dict[str, Any]:
+        """Whole-volume sliding-window validation: prompt-free and 1-click Dice, HD95, volume error (mL)."""
+        self.model.eval()
+        spacing = self.config.data.target_spacing
+        rows, click_rows, losses = [], [], []
+        log_images = (self.config.log.log_images and self.is_main
+                      and (epoch + 1) % self.config.log.log_freq == 0)
+        overlay_saved = False
+        for batch in tqdm(self.val_loader, desc="validation", disable=not self.is_main, leave=False):
+            image = batch["image"].to(self.device)
+            label = batch["label"].to(self.device)
+            logits = sliding_window_logits(self.model, image, self.roi_size, self.amp_dtype)
+            loss, _ = self.loss_fn([logits], None, label)
+            losses.append(float(loss))
+            prediction = logits > 0
+            rows.append(metrics.segmentation_metrics(prediction.cpu(), label.cpu(), spacing))
+            click = interior_point(label[0, 0])
+            if click is not None:
+                refined = click_refined_logits(self.model, image, logits, [click], [1], self.roi_size,
+                                               self.amp_dtype)
+                click_rows.append(metrics.segmentation_metrics((refined > 0).cpu(), label.cpu(), spacing))
+            if log_images and not overlay_saved and click is not None:
+                self._save_overlay(epoch, batch, image, label, prediction)
+                overlay_saved = True
+        self.model.train()
+        rows, click_rows, losses = self._gather(rows), self._gather(click_rows), self._gather(losses)
+        summary = metrics.summarize(rows)
+        click_summary = metrics.summarize(click_rows) if click_rows else {}
+        return {
+            "val_loss": float(sum(losses) / len(losses)) if losses else math.nan,
+            "val_dice": summary["dice"],
+            "val_dice_positive": summary["dice_positive"],
+            "val_dice_1click": click_summary.get("dice", math.nan),
+            "val_hd95_mm": summary["hd95_mm"],
+            "val_volume_abs_error_ml": summary["volume_abs_error_ml"],
+            "val_sensitivity": summary["sensitivity"],
+            "val_specificity": summary["specificity"],
+        }
+
+    def _save_overlay(self, epoch: int, batch: dict[str, Any], image: torch.Tensor, label: torch.Tensor,
+                      prediction: torch.Tensor) -> None:
+        case = batch.get("case_id", ["case"])[0]
+        path = self.output_dir / "images" / f"epoch{epoch + 1:04d}_{case}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.utils.save_overlay_png(image[0, 0].float().cpu().numpy(), label[0, 0].cpu().numpy(),
+                                    prediction[0, 0].cpu().numpy(), path, f"epoch {epoch + 1}: {case}")
+        self.tracker.log_image("val/overlay", path, step=epoch + 1)
+
+    # ---------------------------------------------------------------------------------------- distributed glue
+    def _gather(self, values: list[Any]) -> list[Any]:
+        if self.world_size == 1:
+            return values
+        gathered: list[list[Any]] = [[] for _ in range(self.world_size)]
+        dist.all_gather_object(gathered, values)
+        return [v for part in gathered for v in part]
+
+    def _all_reduce_mean(self, value: float) -> float:
+        if self.world_size == 1 or math.isnan(value):
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return float(tensor.item()) / self.world_size
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Complete training state as plain data (loads with ``torch.load(weights_only=True)``)."""
+        return {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "model_state_dict": self.model.state_dict(),
+            "optimizer_state_dict": self.optimizer.state_dict(),
+            "scheduler_state_dict": self.scheduler.state_dict(),
+            "scaler_state_dict": self.scaler.state_dict(),
+            "epoch": self.start_epoch,
+            "epoch_progress": dataclasses.asdict(self.progress),
+            "global_step": self.global_step,
+            "best_metric": self.early_stopping.best,
+            "early_stopping": self.early_stopping.state_dict(),
+            "history": self.history,
+            "rng_state": self.utils.capture_rng_state(),
+            "prompt_generator_state": self.prompt_generator.get_state(),
+            "wandb_run_id": self.tracker.run_id,
+            "config": self.config.to_dict(),
+        }
+
+    def save_checkpoint(self, path: Path) -> None:
+        self.utils.atomic_torch_save(self.checkpoint_state(), path)
+
+    def export_encoder(self, path: Path, epoch: int, val_dice: float) -> None:
+        """Write sam_encoder.pth: the encoder and representation head for the BLIP-2 path (see model.py)."""
+        from model import export_encoder
+
+        payload = export_encoder(self.model)
+        d = self.config.data
+        payload["preprocessing"] = {"hu_window": list(d.hu_window), "normalization": d.normalization,
+                                    "target_spacing": list(d.target_spacing), "input_size": self.roi_size}
+        payload["provenance"] = {"epoch": epoch + 1, "val_dice": val_dice, "config": self.config.to_dict()}
+        self.utils.atomic_torch_save(payload, path)
+
+    def _resume(self, resume: str) -> None:
+        path = self.output_dir / LATEST_NAME if resume == "auto" else Path(resume)
+        if not path.is_file():
+            if resume == "auto":
+                logger.info("--resume auto: no %s yet, starting fresh", path)
+                return
+            raise FileNotFoundError(f"--resume {path}: checkpoint not found")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in ("model_state_dict", "optimizer_state_dict", "epoch", "config") if k not in state]
+        if missing:
+            raise ValueError(f"{path} is not a training checkpoint of this project (missing {', '.join(missing)})")
+        saved_model = state["config"].get("model", {})
+        if saved_model.get("name") != self.config.model.name:
+            raise ValueError(f"{path} was trained with --model {saved_model.get('name')}, this run uses "
+                             f"--model {self.config.model.name}")
+        self.model.load_state_dict(state["model_state_dict"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer_state_dict"])
+        self.scheduler.load_state_dict(state["scheduler_state_dict"])
+        self.scaler.load_state_dict(state["scaler_state_dict"])
+        self.start_epoch = int(state["epoch"])
+        self.progress = EpochProgress(**state["epoch_progress"])
+        self.global_step = int(state["global_step"])
+        self.early_stopping.load_state_dict(state["early_stopping"])
+        self.early_stopping.patience = self.config.train.patience
+        self.history = list(state["history"])
+        self.utils.restore_rng_state(state["rng_state"])
+        self.prompt_generator.set_state(state["prompt_generator_state"])
+        self._resumed_run_id = state.get("wandb_run_id")
+        logger.info("resumed from %s at epoch %d (micro-batch %d), best val Dice %.4f", path,
+                    self.start_epoch + 1, self.progress.batches_done, self.early_stopping.best)
+
+    # ------------------------------------------------------------------------------------------------ signals
+    @contextmanager
+    def _signals_handled(self) -> Iterator[None]:
+        """SIGINT/SIGTERM ask for a stop at the next optimiser step, where the state is consistent."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, _frame: Any) -> None:
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt  # a second Ctrl-C means now
+            self._stop_signal = signum
+            logger.warning("received %s: saving latest_model.pth at the next optimiser step",
+                           signal.Signals(signum).name)
+
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _interrupt(self) -> None:
+        self.stop_reason = "interrupted"
+        if self.is_main:
+            self.save_checkpoint(self.output_dir / LATEST_NAME)
+        raise TrainingInterrupted(
+            f"stopped by {signal.Signals(self._stop_signal).name}; state saved to "
+            f"{self.output_dir / LATEST_NAME}. Resume with the same command plus --resume auto")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
