@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
+from monai.losses import DiceLoss
 from torch import nn
 from tqdm import tqdm
 
@@ -185,18 +185,31 @@ class PromptedSegmentation(nn.Module):
 
 
 class SegmentationLoss(nn.Module):
-    """Dice + cross-entropy on mask logits (MONAI), averaged over prompt rounds, plus weighted BCE on the
-    ICH-presence logit. The ICH target is crop-level: 1 when the crop contains any hemorrhage voxel."""
+    """Dice (MONAI) + binary cross-entropy on mask logits, averaged over prompt rounds, plus weighted BCE on the
+    ICH-presence logit.
+
+    Both terms are computed per sample and then averaged, so accumulating micro-batches equals one big batch.
+    Soft Dice is undefined on an empty target (any non-zero sigmoid gives a loss near 1), so for samples without
+    hemorrhage only the cross-entropy term applies; it still punishes every false-positive voxel. The ICH
+    target is crop-level: 1 when the crop contains any hemorrhage voxel.
+    """
 
     def __init__(self, ich_weight: float):
         super().__init__()
-        # batch=False: Dice per sample then mean, so accumulating micro-batches equals one big batch.
-        self.mask_loss = DiceCELoss(sigmoid=True, batch=False, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=1e-5, smooth_dr=1e-5)
         self.ich_weight = ich_weight
+
+    def mask_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean over samples of BCE + Dice·[target not empty]; logits, labels: B×1×D×H×W."""
+        logits = logits.float()
+        bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").flatten(1).mean(dim=1)
+        dice = self.dice(logits, labels).flatten(1).mean(dim=1)
+        has_target = (labels.flatten(1).amax(dim=1) > 0.5).float()
+        return (bce + dice * has_target).mean()
 
     def forward(self, masks: list[torch.Tensor], ich_logit: torch.Tensor | None,
                 labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        mask_loss = torch.stack([self.mask_loss(m.float(), labels) for m in masks]).mean()
+        mask_loss = torch.stack([self.mask_loss(m, labels) for m in masks]).mean()
         total = mask_loss
         parts = {"mask_loss": float(mask_loss.detach())}
         if ich_logit is not None and self.ich_weight > 0:

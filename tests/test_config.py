@@ -1,0 +1,113 @@
+"""Config: flags map one-to-one onto the frozen dataclasses; impossible settings fail, risky ones warn."""
+import dataclasses
+import json
+
+import pytest
+
+from config import Config, ConfigError, build_config, build_parser, replace_section
+
+
+@pytest.fixture
+def cohort_files(tmp_path):
+    for name in ("train.csv", "val.csv"):
+        (tmp_path / name).write_text("path,ich,patient_id\n")
+    (tmp_path / "masks").mkdir()
+    return ["--train_csv", str(tmp_path / "train.csv"), "--val_csv", str(tmp_path / "val.csv"),
+            "--mask_dir", str(tmp_path / "masks")]
+
+
+def test_defaults_match_the_documented_cli(cohort_files):
+    config, _ = build_config(cohort_files)
+    t, m = config.train, config.model
+    assert (t.output_dir, t.epochs, t.batch_size, t.lr, t.weight_decay, t.patience) == \
+        ("./outputs", 200, 2, 1e-4, 1e-4, 15)
+    assert (t.gradient_accumulation_steps, t.max_grad_norm, t.scheduler_type) == (4, 1.0, "reduce_on_plateau")
+    assert (m.visual_tokens, m.freeze_encoder, m.use_gradient_checkpointing) == (256, False, False)
+    assert t.use_mixed_precision is False and config.log.use_wandb is False
+    assert config.data.target_spacing == (1.5, 1.5, 1.5)
+
+
+def test_every_flag_lands_in_its_field(cohort_files):
+    config, _ = build_config(cohort_files + [
+        "--model", "tiny", "--epochs", "3", "--batch_size", "4", "--lr", "3e-4", "--use_mixed_precision",
+        "--scheduler_type", "cosine", "--hu_window", "-50", "150", "--target_spacing", "2", "2", "3",
+        "--freeze_encoder", "--use_gradient_checkpointing", "--visual_tokens", "128", "--use_wandb",
+        "--wandb_project", "p", "--wandb_entity", "e", "--log_images", "--log_freq", "2", "--num_workers", "1",
+        "--no-cache_in_memory", "--prompt_mode", "clicks", "--resume", "auto", "--seed", "7"])
+    assert config.model.name == "tiny" and config.model.visual_tokens == 128
+    assert config.model.freeze_encoder and config.model.use_gradient_checkpointing
+    assert config.train.epochs == 3 and config.train.batch_size == 4 and config.train.lr == 3e-4
+    assert config.train.use_mixed_precision and config.train.scheduler_type == "cosine"
+    assert config.data.hu_window == (-50.0, 150.0) and config.data.target_spacing == (2.0, 2.0, 3.0)
+    assert config.data.num_workers == 1 and config.data.cache_in_memory is False
+    assert (config.log.use_wandb, config.log.wandb_project, config.log.wandb_entity) == (True, "p", "e")
+    assert config.log.log_images and config.log.log_freq == 2
+    assert config.train.prompt_mode == "clicks" and config.train.resume == "auto" and config.train.seed == 7
+
+
+def test_config_is_frozen_and_round_trips_through_json(cohort_files):
+    config, _ = build_config(cohort_files + ["--hu_window", "-10", "90"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.lr = 1.0
+    again = Config.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+    changed = replace_section(config, "train", epochs=5)
+    assert changed.train.epochs == 5 and config.train.epochs == 200
+
+
+def test_saved_config_is_verbatim(cohort_files, tmp_path):
+    config, _ = build_config(cohort_files + ["--epochs", "9"])
+    config.save(tmp_path / "config.json")
+    assert json.loads((tmp_path / "config.json").read_text()) == config.to_dict()
+
+
+def test_unknown_saved_key_is_an_error():
+    raw = Config().to_dict()
+    raw["train"]["bogus"] = 1
+    with pytest.raises(ConfigError, match="bogus"):
+        Config.from_dict(raw)
+
+
+def test_impossible_settings_are_all_reported_at_once(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        build_config(["--train_csv", str(tmp_path / "nope.csv"), "--batch_size", "0", "--lr", "-1",
+                      "--hu_window", "100", "0", "--augmentation_prob", "2", "--target_spacing", "1", "0", "1"])
+    problems = "\n".join(caught.value.problems)
+    for expected in ("nope.csv: file not found", "--val_csv is required", "--mask_dir is required",
+                     "--batch_size must be >= 1, got 0", "--lr must be > 0", "--hu_window needs low < high",
+                     "--augmentation_prob must be in [0, 1]", "--target_spacing values must be > 0"):
+        assert expected in problems
+    assert len(caught.value.problems) >= 8
+
+
+def test_unknown_choice_is_rejected_not_replaced(cohort_files, capsys):
+    with pytest.raises(SystemExit) as caught:
+        build_config(cohort_files + ["--scheduler_type", "linear"])
+    assert caught.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cli_exits_2_with_one_line_per_problem(tmp_path, capsys):
+    import train
+
+    code = train.main(["--train_csv", str(tmp_path / "missing.csv"), "--epochs", "0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "missing.csv: file not found" in err and "--epochs must be >= 1, got 0" in err
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--use_mixed_precision", "--device", "cpu"], "mixed_precision on CPU"),
+    (["--patience", "20", "--epochs", "10"], "early stopping can never trigger"),
+    (["--batch_size", "16", "--gradient_accumulation_steps", "16"], "effective batch 256"),
+    (["--lr", "0.01"], "high for fine-tuning"),
+    (["--freeze_encoder"], "randomly initialised encoder"),
+])
+def test_risky_settings_warn(cohort_files, flags, fragment):
+    _, warnings = build_config(cohort_files + ["--model", "tiny"] + flags)
+    assert any(fragment in w for w in warnings), warnings
+
+
+def test_every_flag_has_help():
+    for action in build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help text"

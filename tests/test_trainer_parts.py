@@ -1,0 +1,123 @@
+"""The trainer's pure decisions: schedules, early stopping, accumulation groups, click sampling, precision."""
+import math
+
+import pytest
+import torch
+
+from config import Config, replace_section
+from trainer import (EarlyStopping, SegmentationLoss, build_scheduler, choose_amp_dtype, cosine_warmup_factor,
+                     group_sizes, sample_clicks)
+
+
+def _optimizer(lr=1.0):
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+def test_cosine_warmup_rises_then_decays_to_the_floor():
+    factors = [cosine_warmup_factor(e, warmup_epochs=2, total_epochs=10) for e in range(12)]
+    assert factors[0] < factors[1] < factors[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:]))
+    assert factors[-1] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "step", "reduce_on_plateau"])
+def test_each_scheduler_changes_the_rate_as_documented(kind):
+    config = replace_section(Config(), "train", scheduler_type=kind, epochs=10, warmup_epochs=0, step_size=2,
+                             lr_decay_factor=0.5, patience=3)
+    optimizer = _optimizer()
+    scheduler = build_scheduler(optimizer, config)
+    rates = []
+    for _ in range(6):
+        if kind == "reduce_on_plateau":
+            scheduler.step(0.5)  # a flat validation Dice
+        else:
+            scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    if kind == "step":
+        assert rates[:4] == [1.0, 0.5, 0.5, 0.25]
+    elif kind == "cosine":
+        assert all(a > b for a, b in zip(rates, rates[1:]))
+    else:
+        # patience // 3 = 1 bad epoch allowed, then the rate halves.
+        assert rates[0] == 1.0 and rates[-1] < 1.0 and min(rates) == pytest.approx(rates[-1])
+
+
+def test_plateau_scheduler_keeps_rate_while_dice_improves():
+    config = replace_section(Config(), "train", scheduler_type="reduce_on_plateau", patience=3)
+    optimizer = _optimizer()
+    scheduler = build_scheduler(optimizer, config)
+    for dice in (0.1, 0.2, 0.3, 0.4, 0.5):
+        scheduler.step(dice)
+    assert optimizer.param_groups[0]["lr"] == 1.0
+
+
+def test_early_stopping_counts_validations_without_improvement():
+    stopper = EarlyStopping(patience=2)
+    assert stopper.update(0.5, 0) and not stopper.should_stop
+    assert not stopper.update(0.5, 1)  # equal is not better
+    assert stopper.update(0.6, 2) and stopper.bad_validations == 0
+    assert not stopper.update(math.nan, 3)
+    assert not stopper.update(0.59, 4) and stopper.should_stop
+    restored = EarlyStopping(patience=2)
+    restored.load_state_dict(stopper.state_dict())
+    assert restored == stopper and restored.best_epoch == 2
+
+
+@pytest.mark.parametrize("batches, accumulation, expected", [
+    (8, 4, [4, 4]), (10, 4, [4, 4, 2]), (3, 4, [3]), (5, 1, [1, 1, 1, 1, 1])])
+def test_short_last_accumulation_group_still_steps(batches, accumulation, expected):
+    assert group_sizes(batches, accumulation) == expected
+    assert sum(expected) == batches
+
+
+def test_first_click_is_inside_the_hemorrhage():
+    target = torch.zeros(3, 1, 8, 8, 8)
+    target[:, :, 2:4, 5:7, 1:3] = 1
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        points, labels = sample_clicks(target, None, generator)
+        assert points.shape == (3, 1, 3) and labels.shape == (3, 1)
+        assert (labels == 1).all()
+        for b in range(3):
+            d, h, w = points[b, 0].long().tolist()
+            assert target[b, 0, d, h, w] == 1
+
+
+def test_correction_clicks_come_from_the_error_region():
+    target = torch.zeros(2, 1, 8, 8, 8)
+    target[:, :, :4] = 1
+    prediction = torch.zeros(2, 1, 8, 8, 8, dtype=torch.bool)
+    prediction[0, :, :] = True       # sample 0: false positives in d >= 4 only
+    prediction[1, :, :2] = True      # sample 1: false negatives in d = 2, 3 only
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        points, labels = sample_clicks(target, prediction, generator)
+        assert labels[0, 0] == 0 and points[0, 0, 0] >= 4
+        assert labels[1, 0] == 1 and 2 <= points[1, 0, 0] <= 3
+
+
+def test_empty_target_gets_a_negative_click_and_sampling_is_reproducible():
+    target = torch.zeros(2, 1, 6, 6, 6)
+    a = sample_clicks(target, None, torch.Generator().manual_seed(5))
+    b = sample_clicks(target, None, torch.Generator().manual_seed(5))
+    assert (a[1] == 0).all()
+    assert torch.equal(a[0], b[0])
+
+
+def test_loss_is_low_for_a_correct_prediction_and_ich_term_is_weighted():
+    labels = torch.zeros(2, 1, 8, 8, 8)
+    labels[0, :, 2:6, 2:6, 2:6] = 1
+    good = labels * 20 - 10
+    bad = -good
+    loss_fn = SegmentationLoss(ich_weight=0.0)
+    assert loss_fn([good], None, labels)[0] < 0.05 < loss_fn([bad], None, labels)[0]
+    weighted = SegmentationLoss(ich_weight=2.0)
+    ich_logit = torch.tensor([-10.0, 10.0])  # wrong on both scans
+    total, parts = weighted([good], ich_logit, labels)
+    assert total == pytest.approx(parts["mask_loss"] + 2.0 * parts["ich_loss"], rel=1e-5)
+    assert parts["ich_loss"] > 5
+
+
+def test_amp_dtype_choice():
+    assert choose_amp_dtype(torch.device("cpu"), False) is None
+    assert choose_amp_dtype(torch.device("cpu"), True) is torch.bfloat16

@@ -1,0 +1,132 @@
+"""Fine-tune SAM-Med3D on brain-CT hemorrhage masks.
+
+    python train.py --train_csv train.csv --val_csv val.csv --mask_dir masks --output_dir out \\
+        --pretrained_checkpoint sam_med3d_turbo.pth
+    python train.py --test          # self-check on a generated synthetic cohort (tiny model, < 3 min on CPU)
+    torchrun --nproc_per_node 2 train.py ...   # several GPUs (or CPU processes with gloo)
+
+``main`` reads as the whole program: parse → validate → system checks → data validation → build model → fit →
+summary. Exit codes: 0 success, 1 failure (bad data, diverged training), 2 bad arguments, 130 interrupted.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("ichseg.train")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device | None]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); returns (rank, world_size, device).
+
+    NCCL on GPUs, gloo on CPU. The device is None for a single process (the caller resolves ``--device``).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1, None
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return rank, world_size, device
+
+
+def run_training(config, config_warnings: Sequence[str] = ()) -> tuple[int, dict | None]:
+    """The real pipeline for a validated Config; returns (exit code, training summary or None)."""
+    import dataloader
+    import tracking
+    import utils
+    from config import replace_section
+    from model import build_model
+    from trainer import NonFiniteLossError, Trainer, TrainingInterrupted
+
+    rank, world_size, device = init_distributed(config.train.device)
+    output_dir = Path(config.train.output_dir)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    utils.setup_logging(output_dir if rank == 0 else None, rank=rank)
+    try:
+        for warning in config_warnings:
+            logger.warning("config: %s", warning)
+        if config.data.cache_dir is None:
+            config = replace_section(config, "data", cache_dir=str(output_dir / "cache"))
+        if rank == 0:
+            config.save(output_dir / "config.json")
+        device = device or utils.resolve_device(config.train.device)
+        utils.seed_everything(config.train.seed)
+
+        m, t = config.model, config.train
+        img_size = 64 if m.name == "tiny" else 128
+        estimate = utils.estimate_training_memory_gb(m.name, t.batch_size, t.use_mixed_precision,
+                                                     m.use_gradient_checkpointing, img_size)
+        if rank == 0:
+            utils.run_system_checks(device, output_dir,
+                                    estimated_gpu_gb=estimate if device.type == "cuda" else None,
+                                    estimated_ram_gb=None if device.type == "cuda" else estimate)
+
+        try:
+            cohort = dataloader.validate_cohort(config.data)
+        except dataloader.DataValidationError as error:
+            logger.error("%s", error)
+            return EXIT_FAILED, None
+        for warning in cohort.warnings:
+            logger.warning("data: %s", warning)
+        stats = dataloader.compute_dataset_stats(cohort, config.data)
+        if rank == 0:
+            utils.atomic_write_text(output_dir / "dataset_stats.json", json.dumps(stats, indent=2) + "\n")
+            logger.info("dataset statistics\n%s", dataloader.format_stats_table(stats))
+
+        model = build_model(config.model)
+        train_loader, val_loader = dataloader.build_dataloaders(
+            config.data, cohort, roi_size=model.img_size, batch_size=t.batch_size, device=device, seed=t.seed,
+            rank=rank, world_size=world_size)
+        tracker = tracking.build_tracker(config.log, config.to_dict(), output_dir, enabled=rank == 0)
+        trainer = Trainer(config, model, train_loader, val_loader, device, tracker, output_dir, rank=rank,
+                          world_size=world_size, set_loader_epoch=dataloader.set_epoch,
+                          extra_summary={"dataset_stats": stats})
+        try:
+            summary = trainer.fit()
+        except TrainingInterrupted as interrupted:
+            logger.warning("%s", interrupted)
+            return EXIT_INTERRUPTED, None
+        except NonFiniteLossError as error:
+            logger.error("%s", error)
+            return EXIT_FAILED, None
+        logger.info("done: best val Dice %s at epoch %s (%s); outputs in %s", summary["best_val_dice"],
+                    summary["best_epoch"], summary["stop_reason"], output_dir)
+        return EXIT_OK, summary
+    finally:
+        if world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from config import ConfigError, build_config
+
+    try:
+        config, warnings = build_config(argv)
+    except ConfigError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if config.test:
+        from selftest import run_self_test
+
+        return run_self_test(config)
+    code, _ = run_training(config, warnings)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
