@@ -26,10 +26,13 @@ _NETWORK_PROBE_TIMEOUT_S = 3.0
 
 
 class Tracker(Protocol):
-    """What the trainer may call on a tracker."""
+    """What the trainer may call on a tracker: ``start`` once (after a resume told it the run id), then
+    ``log``/``log_image``, then ``finish`` (safe to call more than once)."""
 
     @property
     def run_id(self) -> str | None: ...
+
+    def start(self, run_id: str | None = None) -> None: ...
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None: ...
 
@@ -43,6 +46,9 @@ class NullTracker:
 
     @property
     def run_id(self) -> str | None:
+        return None
+
+    def start(self, run_id: str | None = None) -> None:
         return None
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
@@ -114,21 +120,40 @@ def resolve_wandb_mode(requested: str = "auto") -> str:
 class WandbTracker:
     """One wandb run, stored under ``<output_dir>/wandb``.
 
-    Give ``run_id`` (from a checkpoint) to continue the same run after a restart. ``finish()`` also shuts down
-    wandb's background service process so nothing outlives the training.
+    Construction records the settings; ``start()`` creates (or, given the ``run_id`` saved in a checkpoint,
+    resumes) the run, so a trainer can build the tracker first and start it once it knows whether it resumes.
+    ``finish()`` also shuts down wandb's background service process so nothing outlives the training.
     """
 
     def __init__(self, project: str, entity: str | None, config: Mapping[str, Any], output_dir: str | os.PathLike,
                  run_id: str | None = None, mode: str = "auto", run_name: str | None = None) -> None:
+        if mode not in WANDB_MODES:
+            raise ValueError(f"wandb mode must be one of {', '.join(WANDB_MODES)}, got {mode!r}")
+        self.project, self.entity, self.run_name = project, entity, run_name
+        self.config = to_jsonable(dict(config), "config")  # fail now, not inside wandb, on unconvertible values
+        self.output_dir = Path(output_dir)
+        self.requested_mode = mode
+        self.mode: str | None = None  # the mode actually used, known after start()
+        self._initial_run_id = run_id
+        self._run: Any = None
+        self._wandb: Any = None
+        self._finished = False
+
+    def start(self, run_id: str | None = None) -> None:
+        """Create the run, or resume run ``run_id`` (default: the one given at construction)."""
+        if self._run is not None:
+            raise RuntimeError(f"wandb run {self._run.id} already started")
+        if self._finished:
+            raise RuntimeError("WandbTracker.start called after finish()")
         import wandb  # lazy: optional dependency, and slow to import
 
         self._wandb = wandb
-        self.mode = resolve_wandb_mode(mode)
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
+        run_id = run_id or self._initial_run_id
+        self.mode = resolve_wandb_mode(self.requested_mode)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         init_kwargs: dict[str, Any] = dict(
-            project=project, entity=entity, config=to_jsonable(dict(config), "config"), dir=str(output_dir),
-            name=run_name, id=run_id, resume="allow" if run_id else None,
+            project=self.project, entity=self.entity, config=self.config, dir=str(self.output_dir),
+            name=self.run_name, id=run_id, resume="allow" if run_id else None,
             # Our own train.log already has the console; wandb's capture would wrap stdout/stderr under tqdm.
             settings=wandb.Settings(console="off", silent=True),
         )
@@ -140,46 +165,62 @@ class WandbTracker:
             logger.warning("wandb online start failed (%s); recording the run offline instead", err)
             self.mode = "offline"
             self._run = wandb.init(mode=self.mode, **init_kwargs)
-        self._finished = False
-        logger.info("wandb run %s (%s) in %s", self._run.id, self.mode, output_dir / "wandb")
+        logger.info("wandb run %s (%s%s) in %s", self._run.id, self.mode, ", resumed" if run_id else "",
+                    self.output_dir / "wandb")
 
     @property
     def run_id(self) -> str | None:
-        return self._run.id
+        """The wandb run id (save it in checkpoints); None before ``start()``."""
+        return None if self._run is None else self._run.id
 
     @property
     def run_dir(self) -> Path | None:
-        """The run's folder, e.g. ``<output_dir>/wandb/offline-run-<time>-<id>``."""
+        """The run's folder, e.g. ``<output_dir>/wandb/offline-run-<time>-<id>``; None before ``start()``."""
         directory = getattr(self._run, "dir", None)  # <run folder>/files
         return Path(directory).parent if directory else None
 
-    def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Log scalar metrics at ``step`` (tensors and numpy scalars are converted; None values are dropped)."""
+    def _active_run(self, method: str) -> Any:
         if self._finished:
-            raise RuntimeError("WandbTracker.log called after finish()")
-        clean = {str(k): v for k, v in to_jsonable(dict(metrics), "metrics").items() if v is not None}
+            raise RuntimeError(f"WandbTracker.{method} called after finish()")
+        if self._run is None:
+            raise RuntimeError(f"WandbTracker.{method} called before start()")
+        return self._run
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Log metrics at ``step``: tensors and numpy scalars become numbers, None values are dropped,
+        NaN/inf are passed through (wandb shows them)."""
+        run = self._active_run("log")
+        clean: dict[str, Any] = {}
+        for key, value in metrics.items():
+            if value is None:
+                continue
+            clean[str(key)] = value if isinstance(value, float) else to_jsonable(value, f"metrics[{key!r}]")
         if clean:
-            self._run.log(clean, step=int(step))
+            run.log(clean, step=int(step))
 
     def log_image(self, key: str, png_path: str | os.PathLike, step: int, caption: str | None = None) -> None:
         """Attach the PNG at ``png_path`` as image ``key`` at ``step``."""
-        if self._finished:
-            raise RuntimeError("WandbTracker.log_image called after finish()")
+        run = self._active_run("log_image")
         path = Path(png_path)
         if not path.is_file():
             raise FileNotFoundError(f"image to log not found: {path}")
-        self._run.log({key: self._wandb.Image(str(path), caption=caption)}, step=int(step))
+        run.log({key: self._wandb.Image(str(path), caption=caption)}, step=int(step))
 
     def finish(self, exit_code: int = 0) -> None:
-        """Close the run (a non-zero ``exit_code`` marks it failed) and stop wandb's service; idempotent."""
+        """Close the run (a non-zero ``exit_code`` marks it failed) and stop wandb's service; idempotent, and a
+        no-op for a tracker that never started."""
         if self._finished:
             return
         self._finished = True
+        if self._run is None:
+            return
         self._run.finish(exit_code=exit_code)
         # wandb keeps a per-process service (wandb-core) alive after finish(); stop it so no child process lingers.
         self._wandb.teardown(exit_code=exit_code)
 
     def __enter__(self) -> "WandbTracker":
+        if self._run is None:
+            self.start()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -189,8 +230,8 @@ class WandbTracker:
 def build_tracker(enabled: bool, project: str, entity: str | None, config: Mapping[str, Any],
                   output_dir: str | os.PathLike, run_id: str | None = None, mode: str = "auto",
                   run_name: str | None = None) -> WandbTracker | NullTracker:
-    """A ``WandbTracker`` when ``enabled`` and wandb imports, else a ``NullTracker`` (with a warning when wandb
-    was wanted but is missing)."""
+    """A ``WandbTracker`` (not yet started: call ``start()``) when ``enabled`` and wandb imports, else a
+    ``NullTracker`` (with a warning when wandb was wanted but is missing)."""
     if not enabled:
         return NullTracker()
     try:

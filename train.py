@@ -67,15 +67,6 @@ def run_training(config, config_warnings: Sequence[str] = ()) -> tuple[int, dict
         device = device or utils.resolve_device(config.train.device)
         utils.seed_everything(config.train.seed)
 
-        m, t = config.model, config.train
-        img_size = 64 if m.name == "tiny" else 128
-        estimate = utils.estimate_training_memory_gb(m.name, t.batch_size, t.use_mixed_precision,
-                                                     m.use_gradient_checkpointing, img_size)
-        if rank == 0:
-            utils.run_system_checks(device, output_dir,
-                                    estimated_gpu_gb=estimate if device.type == "cuda" else None,
-                                    estimated_ram_gb=None if device.type == "cuda" else estimate)
-
         try:
             cohort = dataloader.validate_cohort(config.data)
         except dataloader.DataValidationError as error:
@@ -89,10 +80,21 @@ def run_training(config, config_warnings: Sequence[str] = ()) -> tuple[int, dict
             logger.info("dataset statistics\n%s", dataloader.format_stats_table(stats))
 
         model = build_model(config.model)
+        m, t = config.model, config.train
+        estimate = utils.estimate_training_memory_gb(
+            m.name, t.batch_size, t.use_mixed_precision, m.use_gradient_checkpointing, model.img_size,
+            freeze_encoder=m.freeze_encoder, click_rounds=t.click_rounds,
+            num_parameters=sum(p.numel() for p in model.parameters()))
+        if rank == 0:
+            # On CPU the same activations and optimiser states live in RAM, so the estimate applies there.
+            utils.run_system_checks(device, output_dir,
+                                    estimated_gpu_gb=estimate if device.type == "cuda" else None,
+                                    estimated_ram_gb=None if device.type == "cuda" else estimate)
         train_loader, val_loader = dataloader.build_dataloaders(
             config.data, cohort, roi_size=model.img_size, batch_size=t.batch_size, device=device, seed=t.seed,
             rank=rank, world_size=world_size)
-        tracker = tracking.build_tracker(config.log, config.to_dict(), output_dir, enabled=rank == 0)
+        tracker = tracking.build_tracker(rank == 0 and config.log.use_wandb, config.log.wandb_project,
+                                         config.log.wandb_entity, config.to_dict(), output_dir)
         trainer = Trainer(config, model, train_loader, val_loader, device, tracker, output_dir, rank=rank,
                           world_size=world_size, set_loader_epoch=dataloader.set_epoch,
                           extra_summary={"dataset_stats": stats})

@@ -137,11 +137,16 @@ def _fsync_directory(directory: Path) -> None:
     """Make a rename durable: the directory entry itself must reach the disk (POSIX only)."""
     if os.name != "posix":
         return
-    fd = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        # Some network/FUSE file systems refuse fsync on a directory. The file itself is complete and renamed
+        # by now, so this only weakens durability across a power loss; it is not a failed save.
+        logger.debug("could not fsync directory %s: %s", directory, err)
 
 
 @contextlib.contextmanager
@@ -343,13 +348,13 @@ class MemoryProfile:
 # sam_med3d_turbo: parameter counts are those of the published checkpoint (shared/reference: 100,509,616 in all,
 # 92,924,928 in the image encoder); the rest is the ViT-B of SAM-Med3D (12 blocks, 768 wide, 12 heads, 16^3
 # patches, global attention in 4 blocks, 14^3 windows in the other 8).
-# tiny: a test-size stand-in, deliberately small; its numbers only need to give a tiny estimate. For an exact
-# parameter count pass ``num_parameters`` (sum of p.numel() of the built model).
+# tiny: model.build_tiny (64^3 input, 8^3 patches, 2 blocks 64 wide, 4 heads, 12^3 windows, block 1 global);
+# parameter counts read from the built model. Pass ``num_parameters`` when an architecture changes.
 MEMORY_PROFILES: dict[str, MemoryProfile] = {
     "sam_med3d_turbo": MemoryProfile(num_parameters=100_509_616, encoder_parameters=92_924_928, depth=12,
                                      width=768, heads=12, patch_size=16, global_blocks=4, window_size=14),
-    "tiny": MemoryProfile(num_parameters=2_000_000, encoder_parameters=1_000_000, depth=2, width=96, heads=4,
-                          patch_size=16, global_blocks=1, window_size=14),
+    "tiny": MemoryProfile(num_parameters=361_308, encoder_parameters=232_864, depth=2, width=64, heads=4,
+                          patch_size=8, global_blocks=1, window_size=12),
 }
 
 # Bytes per trainable parameter: fp32 weight (4) + fp32 gradient (4) + AdamW exp_avg and exp_avg_sq (4 + 4).
@@ -509,8 +514,9 @@ class MemoryMonitor:
 
     Host RSS has no resettable peak counter, so the peak is the maximum over ``sample()`` calls (call it every
     few steps); ``ru_maxrss`` is reported too but is the peak over the whole process lifetime. DataLoader workers
-    are separate processes: their RSS is summed as ``children_rss`` (pages shared copy-on-write with the parent
-    are counted in both, so this overstates). On CUDA the allocator's own peak counters are used.
+    are separate processes: the RSS of all child processes (workers, and wandb's service when tracking) is
+    summed as ``peak_children_rss_gb`` (pages shared copy-on-write with the parent are counted in both, so this
+    overstates). On CUDA the allocator's own peak counters are used.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -550,12 +556,12 @@ class MemoryMonitor:
             "peak_rss_gb": self._peak_rss / GB,
             "peak_children_rss_gb": self._peak_children_rss / GB,
             "ru_maxrss_gb": None if maxrss is None else maxrss / GB,
-            "gpu_max_allocated_gb": None,
-            "gpu_max_reserved_gb": None,
+            "peak_gpu_allocated_gb": None,
+            "peak_gpu_reserved_gb": None,
         }
         if self.device.type == "cuda":
-            result["gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / GB
-            result["gpu_max_reserved_gb"] = torch.cuda.max_memory_reserved(self.device) / GB
+            result["peak_gpu_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / GB
+            result["peak_gpu_reserved_gb"] = torch.cuda.max_memory_reserved(self.device) / GB
         return result
 
 
@@ -724,7 +730,7 @@ class MetricsCsvLogger:
         """All rows as dicts with numbers parsed back (empty cells -> None); usable as learning-curve history."""
         return [dict(row) for row in self._rows]
 
-    def log(self, row: Mapping[str, Any]) -> None:
+    def append(self, row: Mapping[str, Any]) -> None:
         """Append the row of one epoch; epochs must increase (resume: ``truncate_after`` first)."""
         if self.epoch_key not in row:
             raise ValueError(f"metrics row needs an {self.epoch_key!r} entry, got keys {', '.join(map(str, row))}")
@@ -767,7 +773,7 @@ class MetricsCsvLogger:
 # (panel title, y-label, [(history key, legend label), ...])
 LEARNING_CURVE_PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
     ("Loss", "loss", (("train_loss", "train"), ("val_loss", "validation"))),
-    ("Validation Dice", "Dice", (("val_dice_prompt_free", "prompt-free"), ("val_dice_1click", "1 click"))),
+    ("Validation Dice", "Dice", (("val_dice", "prompt-free"), ("val_dice_1click", "1 click"))),
     ("Learning rate", "lr", (("lr", "lr"),)),
 )
 
@@ -804,6 +810,8 @@ def plot_learning_curves(history: Sequence[Mapping[str, Any]], path: str | os.Pa
     skipped, so validation metrics logged every few epochs still draw as lines through their points. The
     learning rate is drawn on a log scale when all its values are positive.
     """
+    from matplotlib.ticker import MaxNLocator
+
     figure = _new_figure(4.2 * len(panels), 3.4)
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, ylabel, series) in zip(axes, panels):
@@ -823,6 +831,7 @@ def plot_learning_curves(history: Sequence[Mapping[str, Any]], path: str | os.Pa
                     ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         if drawn:

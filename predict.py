@@ -1,0 +1,364 @@
+"""Segment hemorrhage on new scans with a fine-tuned checkpoint, and evaluate against masks when given.
+
+    python predict.py --checkpoint outputs/best_model.pth --input scans/ --output_dir preds
+    python predict.py --checkpoint outputs/best_model.pth --input val.csv --mask_dir masks --output_dir eval
+    python predict.py --checkpoint outputs/best_model.pth --input 049.pkl --points "250,260,14" --output_dir preds
+
+Preprocessing is read from the checkpoint's saved config (the exact training pipeline). Each scan gets a mask in its
+original grid (``049.pkl`` → ``049.nii.gz``), a row in ``predictions.csv`` and, on request, a probability map and a
+PNG overlay. With ``--mask_dir`` the run also writes ``metrics.csv`` and ``volume_agreement.png``. A bad file is
+reported and skipped; the exit code is 1 when any scan failed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("ichseg.predict")
+
+IMAGE_SUFFIXES = (".pkl", ".nii", ".nii.gz", ".npy", ".npz")
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictConfig:
+    checkpoint: str
+    input: str
+    output_dir: str
+    mask_dir: str | None
+    points: str | None
+    threshold: float
+    detection_threshold_ml: float
+    save_probabilities: bool
+    save_png: bool
+    device: str
+    use_mixed_precision: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanInput:
+    """One scan to segment: its image path and, from a CSV, its row's ICH label."""
+
+    path: Path
+    ich: int | None = None
+
+
+class PredictionError(RuntimeError):
+    """A scan could not be segmented; the message names the file."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="best_model.pth or latest_model.pth from train.py.")
+    parser.add_argument("--input", required=True,
+                        help="A volume (.pkl, .nii, .nii.gz, .npy, .npz), a folder of them, or a CSV in the "
+                             "training format (path,ich,patient_id).")
+    parser.add_argument("--output_dir", default="./predictions", help="Where masks and tables are written.")
+    parser.add_argument("--mask_dir", default=None,
+                        help="Ground-truth masks (training naming rule): enables evaluation (metrics.csv).")
+    parser.add_argument("--points", default=None,
+                        help="Clicks on hemorrhage for a single input, in original voxel coordinates of array "
+                             "axes 0,1,2: 'x,y,z;x,y,z'. Append ',0' to a click for background.")
+    parser.add_argument("--threshold", type=float, default=0.5, help="Probability threshold for the mask.")
+    parser.add_argument("--detection_threshold_ml", type=float, default=None,
+                        help="Volume above which a scan counts as ICH-positive (default: metrics module's 0.1 mL).")
+    parser.add_argument("--save_probabilities", action="store_true", help="Also write <stem>_prob.nii.gz.")
+    parser.add_argument("--save_png", action="store_true", help="Also write <stem>.png: slices with most blood.")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="Compute device.")
+    parser.add_argument("--use_mixed_precision", action="store_true", help="bf16/fp16 autocast for inference.")
+    return parser
+
+
+def parse_points(text: str | None) -> tuple[list[tuple[float, float, float]], list[int]]:
+    """'x,y,z;x,y,z,0' → points and labels (1 unless a fourth value 0 marks a background click)."""
+    if not text:
+        return [], []
+    points, labels = [], []
+    for chunk in filter(None, (c.strip() for c in text.split(";"))):
+        values = [v.strip() for v in chunk.split(",")]
+        if len(values) not in (3, 4):
+            raise ValueError(f"--points: '{chunk}' should be 'x,y,z' or 'x,y,z,label'")
+        try:
+            coords = tuple(float(v) for v in values[:3])
+            label = int(values[3]) if len(values) == 4 else 1
+        except ValueError as error:
+            raise ValueError(f"--points: '{chunk}' is not numeric") from error
+        if label not in (0, 1):
+            raise ValueError(f"--points: label in '{chunk}' must be 0 or 1")
+        points.append(coords)
+        labels.append(label)
+    return points, labels
+
+
+def collect_inputs(input_path: Path) -> list[ScanInput]:
+    """A file, a folder of image files, or a CSV with a ``path`` column (relative paths from the CSV's folder)."""
+    if not input_path.exists():
+        raise FileNotFoundError(f"--input {input_path}: no such file or folder")
+    if input_path.is_dir():
+        files = sorted(p for p in input_path.iterdir() if p.is_file() and _is_image(p))
+        if not files:
+            raise ValueError(f"--input {input_path}: no {', '.join(IMAGE_SUFFIXES)} files in this folder")
+        return [ScanInput(p) for p in files]
+    if input_path.suffix.lower() == ".csv":
+        import pandas as pd
+
+        table = pd.read_csv(input_path)
+        if "path" not in table.columns:
+            raise ValueError(f"--input {input_path}: CSV has no 'path' column (columns: {list(table.columns)})")
+        scans = []
+        for _, row in table.iterrows():
+            path = Path(str(row["path"]))
+            path = path if path.is_absolute() else (input_path.parent / path)
+            ich = int(row["ich"]) if "ich" in table.columns and not pd.isna(row["ich"]) else None
+            scans.append(ScanInput(path, ich))
+        return scans
+    if not _is_image(input_path):
+        raise ValueError(f"--input {input_path}: expected one of {', '.join(IMAGE_SUFFIXES)}, a folder or a CSV")
+    return [ScanInput(input_path)]
+
+
+def _is_image(path: Path) -> bool:
+    return any(path.name.lower().endswith(suffix) for suffix in IMAGE_SUFFIXES)
+
+
+def file_stem(path: Path) -> str:
+    name = path.name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+class Predictor:
+    """A checkpoint loaded once; ``segment`` maps one raw volume to a mask in its original grid."""
+
+    def __init__(self, checkpoint: Path, device: torch.device, use_mixed_precision: bool = False):
+        from config import Config
+        from model import build_model
+        from trainer import choose_amp_dtype
+
+        state = _load_checkpoint(checkpoint)
+        self.config = Config.from_dict(state["config"])
+        model_config = dataclasses.replace(self.config.model, pretrained_checkpoint=None,
+                                           use_gradient_checkpointing=False)
+        self.model = build_model(model_config)
+        try:
+            self.model.load_state_dict(state["model_state_dict"], strict=True)
+        except RuntimeError as error:
+            raise PredictionError(f"{checkpoint}: weights do not fit the '{model_config.name}' architecture "
+                                  f"named in its config: {error}") from error
+        self.model.to(device).eval()
+        self.device = device
+        self.amp_dtype = choose_amp_dtype(device, use_mixed_precision)
+        self.roi_size = int(self.model.img_size)
+
+    def segment(self, image: np.ndarray, spacing: Sequence[float], points: Sequence[Sequence[float]] = (),
+                labels: Sequence[int] = ()) -> np.ndarray:
+        """Probability map (float32, same shape as ``image``) for a raw HU volume with voxel ``spacing``.
+
+        ``points`` are voxel coordinates of ``image`` (array axes 0, 1, 2).
+        """
+        from dataloader import preprocess_image, resample_to_shape
+        from inference import click_refined_logits, sliding_window_logits
+
+        prepared = preprocess_image(image, spacing, self.config.data)
+        volume = torch.as_tensor(prepared, dtype=torch.float32)[None].to(self.device)
+        logits = sliding_window_logits(self.model, volume, self.roi_size, self.amp_dtype)
+        if len(points):
+            # Clicks move with the resampling: scale each axis by (preprocessed size / original size).
+            scale = np.array(volume.shape[2:], dtype=float) / np.array(image.shape, dtype=float)
+            scaled = [tuple(np.minimum(np.array(p) * scale, np.array(volume.shape[2:]) - 1)) for p in points]
+            logits = click_refined_logits(self.model, volume, logits, scaled, list(labels), self.roi_size,
+                                          self.amp_dtype)
+        probabilities = torch.sigmoid(logits)[0].cpu().numpy()
+        restored = resample_to_shape(probabilities, image.shape, mode="trilinear")
+        return np.asarray(restored, dtype=np.float32).reshape(image.shape)
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise PredictionError(f"--checkpoint {path}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a non-checkpoint file; re-raised with the name
+        raise PredictionError(f"--checkpoint {path}: not a readable PyTorch checkpoint ({error})") from error
+    if not isinstance(state, dict) or "model_state_dict" not in state or "config" not in state:
+        raise PredictionError(f"--checkpoint {path}: not a checkpoint written by train.py (expected the keys "
+                              "model_state_dict and config; use best_model.pth or latest_model.pth)")
+    return state
+
+
+def largest_component_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
+    from scipy import ndimage
+
+    components, count = ndimage.label(mask > 0)
+    if count == 0:
+        return 0.0
+    sizes = np.bincount(components.ravel())[1:]
+    return float(sizes.max()) * float(np.prod(spacing)) / 1000.0
+
+
+def scan_geometry(path: Path, meta: dict[str, Any], mask_path: Path | None,
+                  fallback_spacing: Sequence[float]) -> tuple[tuple[float, float, float], np.ndarray, str]:
+    """Voxel spacing and affine of a raw scan: its own metadata, else its mask's header, else the fallback."""
+    import nibabel as nib
+
+    spacing, affine = meta.get("spacing"), meta.get("affine")
+    source = "image"
+    if (spacing is None or affine is None) and mask_path is not None:
+        header = nib.load(str(mask_path))
+        spacing = spacing if spacing is not None else tuple(float(z) for z in header.header.get_zooms()[:3])
+        affine = affine if affine is not None else header.affine
+        source = "mask header"
+    if spacing is None:
+        spacing = tuple(fallback_spacing)
+        source = "fallback --spacing of the training config"
+        logger.warning("%s: no spacing in the file or a mask; using the training fallback %s mm", path, spacing)
+    spacing = tuple(float(s) for s in spacing)
+    if affine is None:
+        affine = np.diag([*spacing, 1.0])
+    return spacing, np.asarray(affine, dtype=float), source
+
+
+def run(config: PredictConfig) -> int:
+    import nibabel as nib
+    from tqdm import tqdm
+
+    import metrics
+    import utils
+    from dataloader import find_mask, load_image_file, load_mask_file
+
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    points, point_labels = parse_points(config.points)
+    scans = collect_inputs(Path(config.input))
+    if points and len(scans) != 1:
+        raise ValueError(f"--points applies to a single input scan, got {len(scans)} scans")
+    device = utils.resolve_device(config.device)
+    predictor = Predictor(Path(config.checkpoint), device, config.use_mixed_precision)
+    threshold_ml = (config.detection_threshold_ml if config.detection_threshold_ml is not None
+                    else metrics.DEFAULT_DETECTION_THRESHOLD_ML)
+    logger.info("segmenting %d scan(s) with %s (%s) on %s", len(scans), config.checkpoint,
+                predictor.config.model.name, device)
+
+    prediction_rows: list[dict[str, Any]] = []
+    metric_rows: list[dict[str, Any]] = []
+    failures: list[str] = []
+    for scan in tqdm(scans, desc="scans", unit="scan"):
+        started = time.time()
+        try:
+            image, meta = load_image_file(scan.path)
+            mask_path = find_mask(scan.path, Path(config.mask_dir)) if config.mask_dir else None
+            spacing, affine, _ = scan_geometry(scan.path, meta, mask_path, predictor.config.data.spacing)
+            probabilities = predictor.segment(image, spacing, points, point_labels)
+        except (OSError, ValueError, RuntimeError) as error:
+            failures.append(f"{scan.path}: {error}")
+            logger.error("%s: skipped: %s", scan.path, error)
+            continue
+        mask = (probabilities >= config.threshold).astype(np.uint8)
+        stem = file_stem(scan.path)
+        nib.save(nib.Nifti1Image(mask, affine), str(output_dir / f"{stem}.nii.gz"))
+        if config.save_probabilities:
+            nib.save(nib.Nifti1Image(probabilities.astype(np.float32), affine), str(output_dir / f"{stem}_prob.nii.gz"))
+        volume = metrics.volume_ml(mask, spacing)
+        truth = None
+        if mask_path is not None:
+            truth = load_mask_file(mask_path, expected_shape=image.shape)
+            row = {"file": scan.path.name, **metrics.segmentation_metrics(mask, truth, spacing)}
+            metric_rows.append(row)
+        elif config.mask_dir and scan.ich == 1:
+            logger.warning("%s: ICH-positive in the CSV but no mask in %s; not evaluated", scan.path,
+                           config.mask_dir)
+        elif config.mask_dir:
+            truth = np.zeros_like(mask)  # ICH-negative scans have no mask file: an empty ground truth
+            metric_rows.append({"file": scan.path.name, **metrics.segmentation_metrics(mask, truth, spacing)})
+        if config.save_png:
+            utils.save_overlay_png(image, truth if truth is not None else np.zeros_like(mask), mask,
+                                   output_dir / f"{stem}.png", f"{scan.path.name}: {volume:.1f} mL")
+        prediction_rows.append({
+            "file": scan.path.name, "ich_predicted": "yes" if volume > threshold_ml else "no",
+            "volume_ml": round(volume, 3), "largest_component_ml": round(largest_component_ml(mask, spacing), 3),
+            "runtime_s": round(time.time() - started, 3)})
+
+    _write_csv(output_dir / "predictions.csv", prediction_rows)
+    if metric_rows:
+        _write_csv(output_dir / "metrics.csv", metric_rows)
+        summary = metrics.summarize(metric_rows, detection_threshold_ml=threshold_ml)
+        logger.info("evaluation over %d scans\n%s", len(metric_rows), format_summary(summary))
+        plot_volume_agreement(metric_rows, output_dir / "volume_agreement.png")
+    logger.info("wrote %d prediction(s) to %s", len(prediction_rows), output_dir)
+    if failures:
+        logger.error("%d scan(s) failed:\n  %s", len(failures), "\n  ".join(failures))
+        return 1
+    return 0
+
+
+def format_summary(summary: dict[str, float]) -> str:
+    labels = {"dice": "Dice (all scans)", "dice_positive": "Dice (ICH-positive scans)", "hd95_mm": "HD95 (mm)",
+              "volume_abs_error_ml": "|volume error| (mL)", "sensitivity": "detection sensitivity",
+              "specificity": "detection specificity"}
+    return "\n".join(f"  {text:<28} {summary[key]:.4f}" for key, text in labels.items())
+
+
+def plot_volume_agreement(rows: Iterable[dict[str, Any]], path: Path) -> None:
+    """Scatter of predicted vs true volume and a Bland–Altman plot (difference vs mean, ±1.96 SD)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = list(rows)
+    true = np.array([r["volume_true_ml"] for r in rows])
+    pred = np.array([r["volume_pred_ml"] for r in rows])
+    figure = Figure(figsize=(10, 4.5))
+    FigureCanvasAgg(figure)
+    scatter, bland = figure.subplots(1, 2)
+    top = max(float(true.max(initial=0)), float(pred.max(initial=0)), 1.0) * 1.05
+    scatter.scatter(true, pred, s=18)
+    scatter.plot([0, top], [0, top], "k--", linewidth=1)
+    scatter.set(xlabel="true volume (mL)", ylabel="predicted volume (mL)", title="Hematoma volume",
+                xlim=(0, top), ylim=(0, top))
+    mean, diff = (true + pred) / 2, pred - true
+    bias, spread = float(diff.mean()), float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
+    bland.scatter(mean, diff, s=18)
+    for value, style in ((bias, "-"), (bias + 1.96 * spread, "--"), (bias - 1.96 * spread, "--")):
+        bland.axhline(value, color="k", linestyle=style, linewidth=1)
+    bland.set(xlabel="mean of predicted and true (mL)", ylabel="predicted − true (mL)",
+              title=f"Bland–Altman (bias {bias:+.2f} mL)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    from utils import atomic_write_text
+    import io
+
+    buffer = io.StringIO()
+    fields = list(rows[0]) if rows else ["file"]
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import utils
+
+    args = build_parser().parse_args(argv)
+    config = PredictConfig(**vars(args))
+    utils.setup_logging(Path(config.output_dir), rank=0)
+    try:
+        return run(config)
+    except (FileNotFoundError, ValueError, PredictionError) as error:
+        logger.error("%s", error)
+        return 2 if isinstance(error, ValueError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
