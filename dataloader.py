@@ -2,8 +2,8 @@
 
 Data flow (every axis is in stored array order, spacing tuples too)::
 
-    train/val CSV ──validate_cohort──► Cohort(train, val, warnings)   each file read once, ALL problems raised at once
-    Case ──LoadPreprocessd (disk cache, RAM cache)──► image 1×D×H×W float32, label 1×D×H×W uint8 at target spacing
+    train/val CSV ──validate_cohort──► Cohort(train, val, warnings)    every file read once; all problems at once
+    Case ──LoadPreprocessd (disk + RAM cache)──► image 1×D×H×W float32, label 1×D×H×W uint8 at target spacing
          ├─ train: pad to roi → RandHemorrhageCropd → flips / small affine / intensity jitter → S×S×S crops
          └─ val:   the whole preprocessed volume
 
@@ -239,7 +239,7 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _digest(raw: bytes) -> str:
-    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+    return hashlib.sha256(raw).hexdigest()[:32]  # sha256: hardware-accelerated on current CPUs, releases the GIL
 
 
 def _matching_suffix(name: str, suffixes: Sequence[str]) -> str | None:
@@ -405,11 +405,12 @@ def _as_volume(array: Any, path: Path) -> np.ndarray:
     return volume
 
 
-def _read_image(path: Path) -> tuple[np.ndarray, dict[str, Any], str]:
+def _read_image(path: Path, digest: bool = False) -> tuple[np.ndarray, dict[str, Any], str | None]:
+    """(volume, geometry, content hash of the file bytes if ``digest``) from a single read of the file."""
     raw = _read_bytes(path)
     array, meta = _decode_image(raw, path)
     volume = _as_volume(array, path)
-    return volume, _geometry(meta, path), _digest(raw)
+    return volume, _geometry(meta, path), _digest(raw) if digest else None
 
 
 def load_image_file(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
@@ -469,12 +470,46 @@ def _read_mask(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | Non
     return mask, _nifti_spacing(image), _digest(raw), was_255
 
 
-def load_mask_file(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read a binary NIfTI mask: (D×H×W uint8 in {0,1}, {"spacing": header voxel size (mm) | None}).
+def load_mask_file(path: str | os.PathLike, expected_shape: Sequence[int] | None = None) -> np.ndarray:
+    """Read a binary NIfTI mask as D×H×W uint8 in {0, 1} (0/255 masks are read as 0/1).
 
-    0/255 masks are returned as 0/1; other values, NaN/inf or a non-3-D array raise VolumeLoadError."""
-    mask, spacing, _, _ = _read_mask(Path(path))
-    return mask, {"spacing": spacing}
+    With ``expected_shape`` (the image's shape) a mask whose axes are a permutation of it is transposed to match
+    (see ``matching_axes``; logged as a warning). Raises VolumeLoadError naming the file for non-binary values,
+    NaN/inf, a non-3-D array or a shape that cannot match. Its header spacing: ``mask_header_spacing``."""
+    path = Path(path)
+    mask, _, _, _ = _read_mask(path)
+    if expected_shape is not None and tuple(mask.shape) != tuple(expected_shape):
+        axes = matching_axes(expected_shape, mask.shape)
+        if axes is None:
+            raise VolumeLoadError(path, f"mask shape {mask.shape} does not match image shape "
+                                        f"{tuple(expected_shape)}, not even with its axes reordered")
+        logger.warning("%s: mask shape %s transposed with axes %s to match the image's %s", path, mask.shape, axes,
+                       tuple(expected_shape))
+        mask = np.ascontiguousarray(mask.transpose(axes))
+    return mask
+
+
+def mask_header_spacing(path: str | os.PathLike) -> tuple[float, float, float] | None:
+    """Voxel size (mm, the mask's own axis order) from a NIfTI mask header, or None when the header carries no
+    geometry (no qform/sform and pixdim all 1)."""
+    path = Path(path)
+    return _nifti_spacing(_nifti_from_bytes(_read_bytes(path), path))
+
+
+def find_mask(image_path: str | os.PathLike, mask_dir: str | os.PathLike) -> Path | None:
+    """The mask of an image in ``mask_dir``, matched by file number: 049.pkl -> 049.nii / 049.nii.gz / 49.nii(.gz)
+    (leading zeros ignored; non-numeric names must match exactly). None when there is none; VolumeLoadError when
+    ``mask_dir`` is not a folder or several masks match."""
+    problems: list[Problem] = []
+    index = _index_masks(str(mask_dir), problems)
+    if index is None:
+        raise VolumeLoadError(mask_dir, "mask_dir is not a folder")
+    case_id = case_id_from_path(image_path)
+    matches = index.get(_mask_key(case_id), [])
+    if len(matches) > 1:
+        raise VolumeLoadError(image_path, f"several masks match file number {case_id}: "
+                                          f"{', '.join(m.name for m in matches)}; keep one")
+    return matches[0] if matches else None
 
 
 def matching_axes(image_shape: Sequence[int], mask_shape: Sequence[int]) -> tuple[int, int, int] | None:
@@ -776,7 +811,7 @@ def _inspect_row(row: _Row, mask_index: dict[str, list[Path]] | None, data_confi
 
     volume = mask = None
     try:
-        volume, meta, image_digest = _read_image(row.image_path)
+        volume, meta, image_digest = _read_image(row.image_path, digest=True)
     except VolumeLoadError as exc:
         problem(exc.path, exc.reason)
     if mask_path is not None:
@@ -821,7 +856,9 @@ def _inspect_row(row: _Row, mask_index: dict[str, list[Path]] | None, data_confi
 
     blood = int(np.count_nonzero(mask)) if mask is not None else 0
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    if row.ich == 1 and blood == 0:
+    if mask is None:
+        pass  # no mask: fine for ICH-negative scans; a positive one was reported above
+    elif row.ich == 1 and blood == 0:
         found.ich_mismatch = f"{row.where} {row.image_path}: ich=1 but the mask {mask_path.name} is empty"
     elif row.ich == 0 and blood > 0:
         found.ich_mismatch = (f"{row.where} {row.image_path}: ich=0 but the mask {mask_path.name} marks "
@@ -941,6 +978,11 @@ def validate_cohort(data_config: DataConfig) -> Cohort:
                         f"validation scores will be optimistic): {_listing(overlap)}")
 
     if problems:
+        # Read like the CSVs: file-level problems first, then train rows, then val rows, in row order.
+        csv_order = {}
+        for row in rows:
+            csv_order.setdefault(row.csv, len(csv_order))
+        problems.sort(key=lambda p: (p.row is not None, csv_order.get(p.csv or "", -1), p.row or 0))
         raise DataValidationError(problems)
     train = [i.case for r, i in zip(unique, inspections) if r.split == "train" and i.case is not None]
     val = [i.case for r, i in zip(unique, inspections) if r.split == "val" and i.case is not None]
@@ -995,8 +1037,7 @@ class LoadPreprocessd(Transform):
         volume, _ = load_image_file(item["image_path"])
         image = preprocess_image(volume, item["spacing"], self.data_config)
         if item["mask_path"]:
-            mask, _ = load_mask_file(item["mask_path"])
-            mask = mask.transpose(item["mask_axes"])
+            mask = load_mask_file(item["mask_path"]).transpose(item["mask_axes"])
             if mask.shape != volume.shape:
                 raise ValueError(f"{item['mask_path']}: mask shape {mask.shape} (after transpose "
                                  f"{item['mask_axes']}) differs from image shape {volume.shape}; the files changed "
@@ -1044,7 +1085,6 @@ class RandHemorrhageCropd(Randomizable, MapTransform):
             raise ValueError(f"pos_fraction must be in [0, 1], got {pos_fraction}")
         self.roi_size, self.pos_fraction = roi_size, pos_fraction
         self.image_key, self.label_key = image_key, label_key
-        self.last_was_positive = False
 
     def randomize(self, data: Any = None) -> None:  # the draws happen in _center, which needs the arrays
         return None
@@ -1052,14 +1092,13 @@ class RandHemorrhageCropd(Randomizable, MapTransform):
     def _center(self, image: np.ndarray, label: np.ndarray) -> tuple[int, ...]:
         spatial = label.shape[1:]
         blood = np.flatnonzero(label[0])
-        self.last_was_positive = blood.size > 0 and self.R.random_sample() < self.pos_fraction
-        if self.last_was_positive:
-            index = blood[self.R.randint(blood.size)]
+        if blood.size > 0 and self.R.random_sample() < self.pos_fraction:
+            pool = blood
         else:
-            head = np.flatnonzero(image[0] > image.min() + 1e-3 * (image.max() - image.min()))
-            pool_size = head.size if head.size else int(np.prod(spatial))
-            index = head[self.R.randint(pool_size)] if head.size else self.R.randint(pool_size)
-        center = [int(c) for c in np.unravel_index(index, spatial)]
+            pool = np.flatnonzero(image[0] > image.min() + 1e-3 * (image.max() - image.min()))
+            if pool.size == 0:  # no head found (cannot happen after validation): any voxel
+                pool = np.arange(int(np.prod(spatial)))
+        center = [int(c) for c in np.unravel_index(pool[self.R.randint(pool.size)], spatial)]
         return correct_crop_centers(center, (self.roi_size,) * 3, spatial)
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -1096,6 +1135,11 @@ class Transforms:
 
 
 def build_transforms(data_config: DataConfig, roi_size: int, cache_dir: str | os.PathLike) -> Transforms:
+    """Train: deterministic → train_random → finalize; val: deterministic → finalize.
+
+    Augmentations each fire with ``augmentation_prob``: a mirror per axis, a small affine (±10° per axis,
+    ±10 % scale; image bilinear with border padding, label nearest), intensity scale ±10 %, shift ±0.1 and
+    Gaussian noise σ 0.05 head-tissue standard deviations (converted for minmax / none normalisation)."""
     prob = data_config.augmentation_prob
     unit = _intensity_unit(data_config)
     keys = ["image", "label"]
@@ -1126,9 +1170,13 @@ def build_transforms(data_config: DataConfig, roi_size: int, cache_dir: str | os
 # Datasets, sampling and loaders
 # ----------------------------------------------------------------------------------------------------------------
 
+def _derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) % 2**64 for p in parts]).generate_state(1)[0])
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """Seed of one training sample's random transforms: a function of (seed, epoch, index) only."""
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(1)[0])
+    return _derived_seed(seed, 1, epoch, index)
 
 
 class EpochSampler(Sampler):
@@ -1154,7 +1202,7 @@ class EpochSampler(Sampler):
         if self.inner is not None:
             order = list(self.inner)
         else:
-            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+            generator = torch.Generator().manual_seed(_derived_seed(self.seed, 0, self.epoch))
             order = torch.randperm(self.n_items, generator=generator).tolist()
         epoch = self.epoch
         return iter([(index, epoch) for index in order])
@@ -1263,8 +1311,8 @@ def build_dataloaders(data_config: DataConfig, cohort: Cohort, roi_size: int, ba
     train_items = [_case_item(c, data_config) for c in cohort.train]
     val_items = [_case_item(c, data_config) for c in cohort.val]
 
-    shapes = [preprocessed_shape(_shape_of(c, cohort), c.spacing, data_config.target_spacing)
-              for c in cohort.train + cohort.val if _shape_of(c, cohort) is not None]
+    shapes = [preprocessed_shape(cohort.case_stats[c.case_id]["shape"], c.spacing, data_config.target_spacing)
+              for c in cohort.train + cohort.val if c.case_id in cohort.case_stats]
     largest = max((_volume_bytes(s) for s in shapes), default=0)
     workers = choose_num_workers(data_config, device, largest)
     in_memory = data_config.cache_in_memory
@@ -1300,11 +1348,6 @@ def build_dataloaders(data_config: DataConfig, cohort: Cohort, roi_size: int, ba
     return train_loader, val_loader
 
 
-def _shape_of(case: Case, cohort: Cohort) -> Sequence[int] | None:
-    stats = cohort.case_stats.get(case.case_id)
-    return stats["shape"] if stats else None
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Dataset statistics
 # ----------------------------------------------------------------------------------------------------------------
@@ -1314,8 +1357,7 @@ def _stats_for_case(case: Case, split: str, data_config: DataConfig) -> dict[str
     volume, meta = load_image_file(case.image_path)
     blood = 0
     if case.mask_path:
-        mask, _ = load_mask_file(case.mask_path)
-        blood = int(np.count_nonzero(mask))
+        blood = int(np.count_nonzero(load_mask_file(case.mask_path)))
     spacing = case.spacing or meta["spacing"] or tuple(data_config.spacing)
     source = case.spacing_source or ("image" if meta["spacing"] else "fallback")
     return _scan_stats(volume, blood, spacing, source, split, case.ich, data_config)

@@ -11,6 +11,7 @@ Conventions, used everywhere in the project:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -50,8 +51,11 @@ def hd95_mm(prediction: torch.Tensor | np.ndarray, truth: torch.Tensor | np.ndar
     pred, gt = _as_mask(prediction), _as_mask(truth)
     if not pred.any() or not gt.any():
         return math.nan
-    distance = compute_hausdorff_distance(pred, gt, include_background=True, percentile=95,
-                                          spacing=[float(s) for s in spacing])
+    with warnings.catch_warnings():
+        # MONAI 1.5+ warns about one of its own internal arguments on every call; nothing for users to act on.
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        distance = compute_hausdorff_distance(pred, gt, include_background=True, percentile=95,
+                                              spacing=[float(s) for s in spacing])
     return float(distance.item())
 
 

@@ -424,7 +424,7 @@ class Trainer:
         data_time = compute_time = 0.0
         progress = self.progress
         bar = tqdm(total=num_batches, initial=progress.batches_done, desc=f"epoch {epoch + 1}/{t.epochs}",
-                   disable=not self.is_main, leave=False, dynamic_ncols=True)
+                   disable=None if self.is_main else True, leave=False, dynamic_ncols=True)
         fetch_started = time.time()
         for index, batch in self._batches(epoch):
             data_time += time.time() - fetch_started
@@ -533,7 +533,8 @@ class Trainer:
         log_images = (self.config.log.log_images and self.is_main
                       and (epoch + 1) % self.config.log.log_freq == 0)
         overlay_saved = False
-        for batch in tqdm(self.val_loader, desc="validation", disable=not self.is_main, leave=False):
+        for batch in tqdm(self.val_loader, desc="validation", disable=None if self.is_main else True,
+                          leave=False):
             image = batch["image"].to(self.device)
             label = batch["label"].to(self.device)
             logits = sliding_window_logits(self.model, image, self.roi_size, self.amp_dtype)

@@ -58,7 +58,9 @@ def test_config_is_frozen_and_round_trips_through_json(cohort_files):
 def test_saved_config_is_verbatim(cohort_files, tmp_path):
     config, _ = build_config(cohort_files + ["--epochs", "9"])
     config.save(tmp_path / "config.json")
-    assert json.loads((tmp_path / "config.json").read_text()) == config.to_dict()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["train"]["epochs"] == 9 and saved["data"]["target_spacing"] == [1.5, 1.5, 1.5]
+    assert Config.from_dict(saved) == config
 
 
 def test_unknown_saved_key_is_an_error():

@@ -1,0 +1,697 @@
+"""Cohort validation, safe loading, geometry, preprocessing, caching, sampling and statistics (dataloader.py).
+
+Volumes are tiny hand-built head phantoms (air -1000 HU, a 30 HU brain block, a 70 HU blood block) written in the
+user format into tmp_path, and every bad input goes through the public entry points validate_cohort /
+load_image_file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import dataloader as D
+from config import DataConfig
+
+SHAPE = (24, 24, 10)
+SPACING = (2.0, 2.0, 5.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+def phantom(shape=SHAPE, blood=True, dtype=np.int16, seed=0) -> tuple[np.ndarray, np.ndarray]:
+    """(image HU, mask uint8): air, a brain block with some texture, a blood block when ``blood``."""
+    rng = np.random.default_rng(seed)
+    image = np.full(shape, -1000.0, dtype=np.float32)
+    inner = tuple(slice(2, s - 2) for s in shape)
+    image[inner] = 30.0 + rng.normal(0, 5, size=image[inner].shape)
+    mask = np.zeros(shape, dtype=np.uint8)
+    if blood:
+        box = tuple(slice(s // 2 - max(1, s // 6), s // 2 + max(1, s // 6)) for s in shape)
+        image[box] = 70.0
+        mask[box] = 1
+    return image.astype(dtype), mask
+
+
+def write_pkl(path: Path, payload, protocol: int = 4) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(payload, protocol=protocol))
+    return path
+
+
+def write_mask(path: Path, mask: np.ndarray, spacing=SPACING) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(mask, np.diag([*spacing, 1.0])), path)
+    return path
+
+
+def write_csv(path: Path, rows, header="path,ich,patient_id") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + "\n" + "".join(",".join(str(v) for v in row) + "\n" for row in rows))
+    return path
+
+
+def config(tmp_path: Path, **changes) -> DataConfig:
+    values = dict(train_csv=str(tmp_path / "train.csv"), val_csv=str(tmp_path / "val.csv"),
+                  mask_dir=str(tmp_path / "masks"), cache_dir=str(tmp_path / "cache"),
+                  target_spacing=(3.0, 3.0, 3.0), num_workers=0, cache_in_memory=False)
+    values.update(changes)
+    return DataConfig(**values)
+
+
+def add_scan(tmp_path: Path, number: str, blood: bool, with_mask: bool | None = None, spacing=SPACING,
+             shape=SHAPE) -> Path:
+    """An image ``images/<number>.pkl`` with spacing in the pkl, and its mask when ``with_mask`` (default: blood)."""
+    image, mask = phantom(shape, blood, seed=int(number))  # distinct content: the cache is keyed by content
+    path = write_pkl(tmp_path / "images" / f"{number}.pkl", {"image": image, "spacing": spacing})
+    if blood if with_mask is None else with_mask:
+        write_mask(tmp_path / "masks" / f"{number}.nii.gz", mask, spacing)
+    (tmp_path / "masks").mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def cohort_dir(tmp_path: Path) -> Path:
+    """A valid cohort: train 4 scans (2 ICH+, patient P1 has two), val 2 scans (1 ICH+)."""
+    train = [(add_scan(tmp_path, "001", True), 1, "P1"), (add_scan(tmp_path, "002", False), 0, "P1"),
+             (add_scan(tmp_path, "003", True), 1, "P2"), (add_scan(tmp_path, "004", False), 0, "P3")]
+    val = [(add_scan(tmp_path, "005", True), 1, "P4"), (add_scan(tmp_path, "006", False), 0, "P5")]
+    write_csv(tmp_path / "train.csv", train)
+    write_csv(tmp_path / "val.csv", val)
+    return tmp_path
+
+
+def problems_of(data_config: DataConfig) -> list[D.Problem]:
+    with pytest.raises(D.DataValidationError) as info:
+        D.validate_cohort(data_config)
+    assert str(info.value).count("\n  - ") == len(info.value.problems)
+    return info.value.problems
+
+
+def only_problem(data_config: DataConfig) -> D.Problem:
+    found = problems_of(data_config)
+    assert len(found) == 1, [str(p) for p in found]
+    return found[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation: every bad input is reported with file, row and problem
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_valid_cohort_passes_and_fills_geometry(cohort_dir):
+    cohort = D.validate_cohort(config(cohort_dir))
+    assert [c.case_id for c in cohort.train] == ["001", "002", "003", "004"]
+    assert [c.case_id for c in cohort.val] == ["005", "006"]
+    assert cohort.warnings == []
+    first, negative = cohort.train[0], cohort.train[1]
+    assert first.mask_path == str(cohort_dir / "masks" / "001.nii.gz") and first.ich == 1
+    assert negative.mask_path is None and negative.ich == 0
+    assert first.spacing == SPACING and first.spacing_source == "image"
+    assert first.row == 1 and first.csv_path == str(cohort_dir / "train.csv")
+
+
+def test_missing_image_file(cohort_dir):
+    write_csv(cohort_dir / "val.csv", [(cohort_dir / "images" / "005.pkl", 1, "P4"),
+                                       (cohort_dir / "images" / "077.pkl", 0, "P6")])
+    problem = only_problem(config(cohort_dir))
+    assert "077.pkl" in str(problem) and "file not found" in str(problem)
+    assert problem.row == 2 and "val.csv row 2" in str(problem)
+
+
+def test_unreadable_pickle(cohort_dir):
+    (cohort_dir / "images" / "002.pkl").write_bytes(b"this is not a pickle at all")
+    problem = only_problem(config(cohort_dir))
+    assert "002.pkl" in problem.file and "not a readable pickle" in problem.message
+
+
+def test_missing_csv_and_missing_columns_reported_together(cohort_dir):
+    write_csv(cohort_dir / "train.csv", [(cohort_dir / "images" / "001.pkl", 1)], header="path,label")
+    found = problems_of(config(cohort_dir, val_csv=str(cohort_dir / "nope.csv")))
+    text = "\n".join(map(str, found))
+    assert "train.csv: missing column(s) ich, patient_id" in text and "found path,label" in text
+    assert "nope.csv: val CSV not found" in text
+
+
+@pytest.mark.parametrize("value", ["2", "yes", ""])
+def test_ich_must_be_0_or_1(cohort_dir, value):
+    write_csv(cohort_dir / "val.csv", [(cohort_dir / "images" / "005.pkl", 1, "P4"),
+                                       (cohort_dir / "images" / "006.pkl", value, "P5")])
+    problem = only_problem(config(cohort_dir))
+    assert problem.file.endswith("006.pkl") and problem.row == 2
+    assert f"ich must be 0 or 1, got {value!r}" in problem.message
+
+
+def test_duplicate_rows_and_shared_file_numbers(cohort_dir):
+    other = add_scan(cohort_dir / "elsewhere", "3", False)  # file number 3 == 003
+    rows = [(cohort_dir / "images" / f"00{i}.pkl", int(i in (1, 3)), f"T{i}") for i in (1, 2, 3, 4)]
+    write_csv(cohort_dir / "train.csv", rows + [rows[1], (other, 0, "P9")])
+    found = problems_of(config(cohort_dir))
+    assert len(found) == 2
+    assert "duplicate row" in found[0].message and "train.csv row 2" in found[0].message and found[0].row == 5
+    assert "file number 3 is also used by" in found[1].message and found[1].file == str(other)
+
+
+def test_relative_paths_resolve_against_the_csv_folder(cohort_dir, tmp_path, monkeypatch):
+    write_csv(cohort_dir / "train.csv", [("images/001.pkl", 1, "P1"), ("./images/002.pkl", 0, "P2")])
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cohort = D.validate_cohort(config(cohort_dir))
+    assert [c.image_path for c in cohort.train] == [str(cohort_dir / "images" / "001.pkl"),
+                                                   str(cohort_dir / "images" / "002.pkl")]
+
+
+def test_mask_lookup_by_file_number_ignores_leading_zeros(tmp_path):
+    image, mask = phantom()
+    write_pkl(tmp_path / "ct" / "049.pkl", {"image": image, "spacing": SPACING})
+    write_pkl(tmp_path / "ct" / "7.pkl", {"image": image, "spacing": SPACING})
+    write_pkl(tmp_path / "ct" / "scan_b.pkl", {"image": image, "spacing": SPACING})
+    write_mask(tmp_path / "masks" / "49.nii.gz", mask)
+    write_mask(tmp_path / "masks" / "007.nii", mask)
+    write_mask(tmp_path / "masks" / "scan_b.nii", mask)
+    write_csv(tmp_path / "train.csv", [(tmp_path / "ct" / "049.pkl", 1, "A"), (tmp_path / "ct" / "7.pkl", 1, "B")])
+    write_csv(tmp_path / "val.csv", [(tmp_path / "ct" / "scan_b.pkl", 1, "C")])
+    cohort = D.validate_cohort(config(tmp_path))
+    assert [Path(c.mask_path).name for c in cohort.train + cohort.val] == ["49.nii.gz", "007.nii", "scan_b.nii"]
+
+    write_mask(tmp_path / "masks" / "049.nii", mask)  # now two masks claim number 49
+    problem = only_problem(config(tmp_path))
+    assert problem.file.endswith("049.pkl") and "several masks match file number 049" in problem.message
+    assert "049.nii" in problem.message and "49.nii.gz" in problem.message
+
+
+def test_positive_without_mask_is_an_error_negative_without_mask_is_fine(cohort_dir):
+    (cohort_dir / "masks" / "003.nii.gz").unlink()
+    problem = only_problem(config(cohort_dir))
+    assert problem.file.endswith("003.pkl") and problem.row == 3
+    assert "ICH-positive scan has no mask" in problem.message and "003.nii.gz" in problem.message
+    # The negatives 002/004/006 have no mask file either and are not reported.
+
+
+def test_ich_label_disagreeing_with_mask_is_a_warning(cohort_dir):
+    empty = np.zeros(SHAPE, dtype=np.uint8)
+    write_mask(cohort_dir / "masks" / "001.nii.gz", empty)                  # ich=1, empty mask
+    write_mask(cohort_dir / "masks" / "002.nii.gz", phantom()[1])           # ich=0, blood in mask
+    cohort = D.validate_cohort(config(cohort_dir))
+    [warning] = [w for w in cohort.warnings if "disagrees" in w]
+    assert "001.pkl: ich=1 but the mask 001.nii.gz is empty" in warning
+    assert "002.pkl: ich=0 but the mask 002.nii.gz marks" in warning
+    assert len(cohort.train) == 4  # kept, not dropped
+
+
+def test_patient_leakage_is_an_error_unless_allowed(cohort_dir):
+    write_csv(cohort_dir / "val.csv", [(cohort_dir / "images" / "005.pkl", 1, "P2"),
+                                       (cohort_dir / "images" / "006.pkl", 0, "P5")])
+    problem = only_problem(config(cohort_dir))
+    assert problem.file.endswith("005.pkl") and "patient_id 'P2' is also in the train CSV (rows 3)" in problem.message
+    assert "allow_patient_overlap" in problem.message
+    cohort = D.validate_cohort(config(cohort_dir, allow_patient_overlap=True))
+    assert any("both train and val" in w and "P2" in w for w in cohort.warnings)
+
+
+def test_mask_valued_0_255_is_read_as_binary_with_one_warning(cohort_dir):
+    for number in ("001", "003"):
+        write_mask(cohort_dir / "masks" / f"{number}.nii.gz", phantom()[1] * np.uint8(255))
+    cohort = D.validate_cohort(config(cohort_dir))
+    [warning] = [w for w in cohort.warnings if "0/255" in w]
+    assert warning.startswith("2 mask(s)") and "001.nii.gz" in warning and "003.nii.gz" in warning
+    mask = D.load_mask_file(cohort_dir / "masks" / "001.nii.gz")
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
+
+
+def test_multilabel_mask_is_an_error_listing_the_values(cohort_dir):
+    labels = (np.arange(np.prod(SHAPE)) % 6).reshape(SHAPE).astype(np.uint8)
+    write_mask(cohort_dir / "masks" / "003.nii.gz", labels)
+    problem = only_problem(config(cohort_dir))
+    assert problem.file.endswith("003.nii.gz") and problem.row == 3
+    assert "mask must be binary" in problem.message and "found values 0, 1, 2, 3, 4, 5" in problem.message
+
+
+def test_nan_in_mask_is_an_error(cohort_dir):
+    mask = phantom()[1].astype(np.float32)
+    mask[0, 0, 0] = np.nan
+    write_mask(cohort_dir / "masks" / "001.nii.gz", mask)
+    problem = only_problem(config(cohort_dir))
+    assert problem.file.endswith("001.nii.gz") and "1 NaN/inf voxel(s)" in problem.message
+
+
+def test_nonfinite_image_voxels_are_an_error(cohort_dir):
+    image = phantom(dtype=np.float32)[0]
+    image[1, 2, 3] = np.inf
+    image[2, 2, 3] = np.nan
+    write_pkl(cohort_dir / "images" / "003.pkl", {"image": image, "spacing": SPACING})
+    problem = only_problem(config(cohort_dir))
+    assert problem.file.endswith("003.pkl") and "2 non-finite voxel(s)" in problem.message
+
+
+def test_shape_mismatch_is_an_error_with_both_shapes(cohort_dir):
+    write_mask(cohort_dir / "masks" / "001.nii.gz", np.zeros((24, 24, 9), dtype=np.uint8))
+    problem = only_problem(config(cohort_dir))
+    assert problem.file.endswith("001.nii.gz")
+    assert "(24, 24, 9) does not match image shape (24, 24, 10)" in problem.message
+
+
+def test_every_problem_is_reported_at_once(cohort_dir):
+    (cohort_dir / "images" / "002.pkl").write_bytes(b"garbage")
+    (cohort_dir / "masks" / "003.nii.gz").unlink()
+    write_mask(cohort_dir / "masks" / "005.nii.gz", np.full(SHAPE, 3, dtype=np.uint8))
+    write_csv(cohort_dir / "val.csv", [(cohort_dir / "images" / "005.pkl", 1, "P4"),
+                                       (cohort_dir / "images" / "006.pkl", 5, "P5")])
+    found = problems_of(config(cohort_dir))
+    assert [(Path(p.csv).name, p.row) for p in found] == [("train.csv", 2), ("train.csv", 3), ("val.csv", 1),
+                                                          ("val.csv", 2)]
+    assert ["not a readable pickle" in found[0].message, "no mask" in found[1].message,
+            "mask must be binary" in found[2].message, "ich must be 0 or 1" in found[3].message] == [True] * 4
+
+
+def test_data_that_is_not_raw_hu_is_flagged(cohort_dir):
+    image = phantom(dtype=np.float32)[0]
+    write_pkl(cohort_dir / "images" / "002.pkl", {"image": (image + 1000) / 1070, "spacing": SPACING})
+    write_pkl(cohort_dir / "images" / "004.pkl", {"image": np.clip(image + 100, 0, 255), "spacing": SPACING})
+    write_pkl(cohort_dir / "images" / "006.pkl", {"image": np.clip(image, -100, 200), "spacing": SPACING})
+    warnings = D.validate_cohort(config(cohort_dir)).warnings
+    assert any("002.pkl" in w and "normalised to [0, 1]" in w for w in warnings)
+    assert any("004.pkl" in w and "8-bit windowed" in w for w in warnings)
+    assert any("006.pkl" in w and "no voxel below -500 HU" in w for w in warnings)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# safe loading
+# ----------------------------------------------------------------------------------------------------------------
+
+class _Hostile:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+class _Arbitrary:
+    pass
+
+
+def test_hostile_pickle_is_refused_and_runs_nothing(tmp_path, cohort_dir):
+    side_effect = tmp_path / "pwned"
+    payload = {"image": phantom()[0], "spacing": SPACING, "x": _Hostile(f"touch {side_effect}")}
+    path = write_pkl(tmp_path / "evil.pkl", payload)
+    with pytest.raises(D.UnsafePickleError) as info:
+        D.load_image_file(path)
+    assert str(path) in str(info.value) and f"{os.system.__module__}.system" in str(info.value)
+    assert "nothing in it was run" in str(info.value)
+    assert not side_effect.exists()
+
+    # Same through the cohort entry point.
+    write_pkl(cohort_dir / "images" / "004.pkl", payload, protocol=2)
+    problem = only_problem(config(cohort_dir))
+    assert problem.file.endswith("004.pkl") and "refused to unpickle" in problem.message
+    assert not side_effect.exists()
+
+
+def test_arbitrary_classes_are_refused(tmp_path):
+    path = write_pkl(tmp_path / "obj.pkl", {"image": phantom()[0], "meta": _Arbitrary()})
+    with pytest.raises(D.UnsafePickleError, match=r"obj\.pkl: refused .*_Arbitrary"):
+        D.load_image_file(path)
+    path = write_pkl(tmp_path / "tensor.pkl", {"image": torch.zeros(3, 3, 3)})
+    with pytest.raises(D.UnsafePickleError, match=r"tensor\.pkl: refused .*torch"):
+        D.load_image_file(path)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_pickles_of_arrays_and_dicts_load_across_protocols(tmp_path, protocol):
+    image = phantom(dtype=np.int16)[0]
+    spacing = (np.float64(0.45), np.float32(0.45), 5)
+    path = write_pkl(tmp_path / "a.pkl", {"ct": image, "spacing": spacing}, protocol=protocol)
+    volume, meta = D.load_image_file(path)
+    assert volume.dtype == np.float32 and volume.flags.writeable
+    np.testing.assert_array_equal(volume, image.astype(np.float32))
+    assert meta["spacing"] == pytest.approx((0.45, 0.45, 5.0))
+    bare = write_pkl(tmp_path / "b.pkl", image.astype(np.float64), protocol=protocol)
+    volume, meta = D.load_image_file(bare)
+    assert volume.shape == SHAPE and meta == {"spacing": None, "affine": None}
+
+
+def test_numpy_1x_module_names_are_accepted(tmp_path):
+    image = phantom()[0]
+    raw = pickle.dumps({"image": image}, protocol=2)
+    assert b"numpy._core.multiarray" in raw  # numpy >= 2 writes the new name
+    path = tmp_path / "old.pkl"
+    path.write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    np.testing.assert_array_equal(D.load_image_file(path)[0], image)
+
+
+def test_affine_in_pkl_gives_spacing(tmp_path):
+    affine = np.diag([0.5, 0.6, 4.0, 1.0])
+    affine[:3, :3] = affine[:3, :3] @ np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 1]])  # rotated axes
+    _, meta = D.load_image_file(write_pkl(tmp_path / "a.pkl", {"volume": phantom()[0], "affine": affine}))
+    assert meta["spacing"] == pytest.approx((0.6, 0.5, 4.0))
+
+
+def test_npy_npz_and_nifti_images(tmp_path):
+    image = phantom(dtype=np.float32)[0]
+    np.save(tmp_path / "a.npy", image)
+    np.testing.assert_array_equal(D.load_image_file(tmp_path / "a.npy")[0], image)
+    np.savez(tmp_path / "b.npz", image=image, spacing=np.array(SPACING))
+    assert D.load_image_file(tmp_path / "b.npz")[1]["spacing"] == SPACING
+    nib.save(nib.Nifti1Image(image, np.diag([0.7, 0.8, 3.0, 1.0])), tmp_path / "c.nii.gz")
+    volume, meta = D.load_image_file(tmp_path / "c.nii.gz")
+    np.testing.assert_array_equal(volume, image)
+    assert meta["spacing"] == pytest.approx((0.7, 0.8, 3.0))
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(D.VolumeLoadError, match=r"obj\.npy: not a readable \.npy"):
+        D.load_image_file(tmp_path / "obj.npy")
+
+
+@pytest.mark.parametrize("payload, message", [
+    (np.zeros((24, 24), dtype=np.int16), "3-D volume, got a 2-D array of shape (24, 24) (a single slice?"),
+    (np.zeros((2, 2, 2), dtype=bool), "dtype bool (boolean)"),
+    (np.zeros((2, 2, 2), dtype=np.complex64), "dtype complex64 (complex)"),
+    (np.array([[["a"]]], dtype=object), "dtype object (Python object)"),
+    (np.array([[["ab"]]]), "dtype <U2 (string)"),
+    (np.full((3, 3, 3), 40, dtype=np.int16), "constant volume: every voxel is 40"),
+    (np.zeros((0, 4, 4), dtype=np.float32), "empty volume of shape (0, 4, 4)"),
+    ({"pixels": np.zeros((2, 2, 2))}, "dict without an image"),
+    ({"image": np.ones((3, 3, 3)), "img": np.ones((3, 3, 3))}, "several image keys"),
+    ({"image": [1, 2, 3]}, "'image' holds a list, expected a numpy array"),
+    ([np.zeros((2, 2, 2))], "holds a list; expected a numpy array or a dict"),
+    ({"image": np.arange(27.0).reshape(3, 3, 3), "spacing": (1.0, 0.0, 2.0)}, "'spacing' must be 3 positive"),
+])
+def test_bad_arrays_are_refused_with_a_clear_message(tmp_path, payload, message):
+    path = write_pkl(tmp_path / "bad.pkl", payload)
+    with pytest.raises(D.VolumeLoadError) as info:
+        D.load_image_file(path)
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# geometry
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_spacing_from_pkl_then_mask_header_then_fallback(tmp_path):
+    image, mask = phantom()
+    write_pkl(tmp_path / "ct" / "001.pkl", {"image": image, "spacing": (1.0, 1.0, 3.0)})
+    write_mask(tmp_path / "masks" / "001.nii.gz", mask, spacing=(1.0, 1.0, 3.0))
+    write_pkl(tmp_path / "ct" / "002.pkl", image)                             # bare array, mask has spacing
+    write_mask(tmp_path / "masks" / "002.nii.gz", mask, spacing=(0.5, 0.6, 4.0))
+    write_pkl(tmp_path / "ct" / "003.pkl", {"img": image})                    # no spacing anywhere
+    nib.save(nib.Nifti1Image(mask, None), tmp_path / "masks" / "003.nii")    # header without geometry
+    write_csv(tmp_path / "train.csv", [(tmp_path / "ct" / f"00{i}.pkl", 1, f"P{i}") for i in (1, 2, 3)])
+    write_csv(tmp_path / "val.csv", [(write_pkl(tmp_path / "ct" / "004.pkl", {"image": image, "spacing": SPACING}),
+                                      0, "P4")])
+    cohort = D.validate_cohort(config(tmp_path, spacing=(0.9, 0.9, 2.5)))
+    spacing = [(c.spacing, c.spacing_source) for c in cohort.train]
+    assert spacing == [((1.0, 1.0, 3.0), "image"), (pytest.approx((0.5, 0.6, 4.0)), "mask_header"),
+                       ((0.9, 0.9, 2.5), "fallback")]
+    [warning] = [w for w in cohort.warnings if "fallback" in w]
+    assert warning.startswith("1 scan(s)") and "003.pkl" in warning and "(0.9, 0.9, 2.5)" in warning
+
+
+def test_axis_permuted_mask_is_transposed_with_a_warning(tmp_path):
+    image, mask = phantom(shape=(10, 24, 20))
+    write_pkl(tmp_path / "ct" / "001.pkl", {"image": image})
+    permuted = np.ascontiguousarray(mask.transpose(1, 2, 0))                 # 24×20×10, slice axis last
+    write_mask(tmp_path / "masks" / "001.nii.gz", permuted, spacing=(2.0, 2.5, 5.0))
+    write_csv(tmp_path / "train.csv", [(tmp_path / "ct" / "001.pkl", 1, "P1")])
+    write_csv(tmp_path / "val.csv", [(write_pkl(tmp_path / "ct" / "002.pkl", {"image": image, "spacing": SPACING}),
+                                      0, "P2")])
+    cohort = D.validate_cohort(config(tmp_path))
+    case = cohort.train[0]
+    assert case.mask_axes == (2, 0, 1)
+    assert case.spacing == pytest.approx((5.0, 2.0, 2.5)) and case.spacing_source == "mask_header"
+    [warning] = [w for w in cohort.warnings if "transposed" in w]
+    assert "001.nii.gz" in warning and "(24, 20, 10)" in warning and "(10, 24, 20)" in warning
+    # The transposed mask is what the loader serves: blood where the image has blood.
+    _, val_loader = D.build_dataloaders(config(tmp_path), D.Cohort(train=cohort.train, val=cohort.train,
+                                                                    warnings=[]), 16, 1, torch.device("cpu"), seed=0)
+    batch = next(iter(val_loader))
+    blood = batch["label"][0, 0] > 0
+    assert blood.any() and batch["image"][0, 0][blood].mean() > batch["image"][0, 0][~blood].mean() + 0.5
+
+
+def test_find_mask_and_load_mask_file_for_single_scans(tmp_path):
+    image, mask = phantom(shape=(10, 24, 20))
+    write_mask(tmp_path / "masks" / "12.nii.gz", np.ascontiguousarray(mask.transpose(1, 2, 0)), (1.0, 2.0, 5.0))
+    found = D.find_mask(tmp_path / "ct" / "012.pkl", tmp_path / "masks")
+    assert found == tmp_path / "masks" / "12.nii.gz"
+    assert D.find_mask(tmp_path / "ct" / "013.pkl", tmp_path / "masks") is None
+    np.testing.assert_array_equal(D.load_mask_file(found, expected_shape=image.shape), mask)
+    assert D.mask_header_spacing(found) == (1.0, 2.0, 5.0)
+    with pytest.raises(D.VolumeLoadError, match=r"12\.nii\.gz: mask shape \(24, 20, 10\) does not match image "
+                                                r"shape \(10, 24, 21\)"):
+        D.load_mask_file(found, expected_shape=(10, 24, 21))
+    with pytest.raises(D.VolumeLoadError, match="mask_dir is not a folder"):
+        D.find_mask(tmp_path / "ct" / "012.pkl", tmp_path / "nowhere")
+
+
+def test_matching_axes():
+    assert D.matching_axes((30, 512, 512), (512, 512, 30)) == (2, 0, 1)
+    assert D.matching_axes((512, 30, 400), (400, 512, 30)) == (1, 2, 0)
+    assert D.matching_axes((4, 5, 6), (4, 5, 6)) == (0, 1, 2)
+    assert D.matching_axes((4, 5, 6), (4, 5, 7)) is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# preprocessing
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_preprocess_windows_and_zscores_inside_the_head():
+    image = phantom(dtype=np.float32)[0]
+    image[3, 3, 3] = 1500.0   # bone is saturated by the window
+    out = D.preprocess_image(image, SPACING, config(Path("."), target_spacing=SPACING))
+    assert out.shape == (1, *SHAPE) and out.dtype == np.float32
+    inside = np.clip(image, -100, 200) > -100
+    assert out[0][inside].mean() == pytest.approx(0.0, abs=1e-4)
+    assert out[0][inside].std() == pytest.approx(1.0, abs=1e-3)
+    assert out[0, 3, 3, 3] == out[0][inside].max()
+    minmax = D.preprocess_image(image, SPACING, config(Path("."), target_spacing=SPACING, normalization="minmax"))
+    assert minmax.min() == 0.0 and minmax.max() == 1.0
+    raw = D.preprocess_image(image, SPACING, config(Path("."), target_spacing=SPACING, normalization="none"))
+    assert raw.min() == -100.0 and raw.max() == 200.0
+    with pytest.raises(ValueError, match="unknown normalization 'robust'"):
+        D.preprocess_image(image, SPACING, config(Path("."), normalization="robust"))
+
+
+def test_preprocess_resamples_to_target_spacing_and_keeps_image_and_mask_aligned():
+    image, mask = phantom(shape=(40, 36, 12), dtype=np.float32)
+    spacing = (0.9, 1.1, 5.0)
+    out = D.preprocess_image(image, spacing, config(Path("."), target_spacing=(1.5, 1.5, 1.5)))
+    expected = D.preprocessed_shape(image.shape, spacing, (1.5, 1.5, 1.5))
+    assert expected == (24, 26, 40) and out.shape == (1, *expected)
+    label = D.resample_to_shape(mask[None], expected, "nearest")
+    assert label.dtype == np.uint8 and set(np.unique(label)) == {0, 1}
+    # Same physical centre of the blood block in image (bright voxels) and label.
+    bright = np.argwhere(out[0] > out[0].max() - 0.3).mean(axis=0)
+    assert np.abs(bright - np.argwhere(label[0]).mean(axis=0)).max() < 0.6
+    # Maps back onto the original grid (what predict.py does).
+    back = D.resample_to_shape(label[0], mask.shape, "nearest")
+    assert back.shape == mask.shape and (back == mask).mean() > 0.97
+
+
+def test_resample_to_shape_accepts_tensors_and_checks_arguments():
+    volume = torch.rand(1, 8, 8, 8)
+    out = D.resample_to_shape(volume, (4, 12, 8), "linear")
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 4, 12, 8) and out.dtype == torch.float32
+    assert D.resample_to_shape(torch.ones(8, 8, 8), (3, 3, 3)).shape == (3, 3, 3)
+    with pytest.raises(ValueError, match="mode must be 'linear' or 'nearest'"):
+        D.resample_to_shape(volume, (4, 4, 4), "cubic")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cache, batches, sampling, reproducibility
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def load_spy(monkeypatch):
+    calls: list[str] = []
+    real = D.load_image_file
+
+    def spy(path):
+        calls.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(D, "load_image_file", spy)
+    return calls
+
+
+def _run_epochs(data_config, cohort, epochs=2, seed=0, roi=16, batch=2):
+    train, val = D.build_dataloaders(data_config, cohort, roi, batch, torch.device("cpu"), seed=seed)
+    out = []
+    for epoch in range(epochs):
+        D.set_epoch(train, epoch)
+        out.append([b for b in train])
+    return out, [b for b in val]
+
+
+def test_cache_is_reused_and_invalidated_by_preprocessing_parameters(cohort_dir, load_spy):
+    data_config = config(cohort_dir)
+    cohort = D.validate_cohort(data_config)
+    _run_epochs(data_config, cohort)
+    assert sorted(load_spy) == sorted(c.image_path for c in cohort.train + cohort.val)  # each raw scan once
+    entries = sorted((cohort_dir / "cache").glob("*.npz"))
+    assert len(entries) == 6
+
+    _run_epochs(data_config, cohort)                                       # new loaders, disk cache
+    _run_epochs(config(cohort_dir, cache_in_memory=True), cohort)          # RAM cache filled from disk
+    assert len(load_spy) == 6
+
+    _run_epochs(config(cohort_dir, hu_window=(-50.0, 150.0)), cohort, epochs=1)
+    assert len(load_spy) == 12
+    _run_epochs(config(cohort_dir, target_spacing=(4.0, 4.0, 4.0)), cohort, epochs=1)
+    assert len(load_spy) == 18 and len(list((cohort_dir / "cache").glob("*.npz"))) == 18
+
+
+def test_train_and_val_batches(cohort_dir):
+    data_config = config(cohort_dir)
+    cohort = D.validate_cohort(data_config)
+    (epoch,), val = _run_epochs(data_config, cohort, epochs=1, roi=16, batch=3)
+    assert [len(b["case_id"]) for b in epoch] == [3, 1]  # the short last batch is kept
+    for batch in epoch:
+        size = len(batch["case_id"])
+        assert set(batch) == {"image", "label", "ich", "case_id"}
+        assert batch["image"].shape == (size, 1, 16, 16, 16) and batch["image"].dtype == torch.float32
+        assert batch["label"].shape == (size, 1, 16, 16, 16) and batch["label"].dtype == torch.float32
+        assert set(batch["label"].unique().tolist()) <= {0.0, 1.0}
+        assert batch["ich"].shape == (size,) and batch["ich"].dtype == torch.float32
+        assert all(isinstance(c, str) for c in batch["case_id"])
+    assert sorted(sum((b["case_id"] for b in epoch), [])) == ["001", "002", "003", "004"]
+    target = D.preprocessed_shape(SHAPE, SPACING, (3.0, 3.0, 3.0))
+    assert [b["case_id"] for b in val] == [["005"], ["006"]]
+    for batch in val:
+        assert batch["image"].shape == (1, 1, *target) and batch["label"].shape == (1, 1, *target)
+        assert batch["ich"].shape == (1,)
+    assert val[0]["label"].sum() > 0 and val[1]["label"].sum() == 0
+
+
+def test_crops_are_centred_on_blood_at_the_requested_rate():
+    image = np.full((1, 64, 64, 64), -2.0, dtype=np.float32)
+    image[:, 6:58, 6:58, 6:58] = 0.5                     # the head
+    label = np.zeros((1, 64, 64, 64), dtype=np.uint8)
+    label[:, 30:34, 30:34, 30:34] = 1                    # 64 blood voxels of 140k head voxels
+    for fraction in (0.0, 0.25, 0.75):
+        crop = D.RandHemorrhageCropd(16, fraction)
+        crop.set_random_state(seed=0)
+        centred, inside = [], []
+        for _ in range(400):
+            out = crop({"image": image, "label": label})
+            centred.append(out["label"][0, 8, 8, 8].item() == 1)
+            inside.append(out["image"][0, 8, 8, 8].item() > -2.0)
+        assert abs(np.mean(centred) - fraction) < 0.07, (fraction, np.mean(centred))
+        assert all(inside)  # negative crops are centred in the head, not in the air
+    negative = D.RandHemorrhageCropd(16, 1.0)
+    out = negative({"image": image, "label": np.zeros_like(label)})   # ICH-negative scan: random head crops
+    assert out["label"].sum() == 0 and out["image"].shape == (1, 16, 16, 16)
+
+
+def test_small_volumes_are_padded_with_air(cohort_dir):
+    data_config = config(cohort_dir, augmentation_prob=0.0)
+    cohort = D.validate_cohort(data_config)
+    (epoch,), _ = _run_epochs(data_config, cohort, epochs=1, roi=24, batch=4)
+    image = epoch[0]["image"]
+    assert image.shape == (4, 1, 24, 24, 24)
+    # 24×24×10 at 2×2×5 mm -> 16×16×17 at 3 mm; padded to 24³ with the volume minimum (air), not 0.
+    assert torch.isclose(image[:, :, :, :, 0], image.amin(dim=(1, 2, 3, 4))[:, None, None, None]).all()
+
+
+def _fingerprint(batches):
+    return [(b["case_id"], b["image"].sum().item(), b["label"].sum().item()) for b in batches]
+
+
+def test_training_randomness_depends_only_on_seed_and_epoch(cohort_dir):
+    data_config = config(cohort_dir, augmentation_prob=1.0)
+    cohort = D.validate_cohort(data_config)
+    (first_0, first_1), _ = _run_epochs(data_config, cohort, seed=5)
+    (again_0, again_1), _ = _run_epochs(config(cohort_dir, augmentation_prob=1.0, cache_in_memory=True), cohort,
+                                        seed=5)
+    assert _fingerprint(first_0) == _fingerprint(again_0) and _fingerprint(first_1) == _fingerprint(again_1)
+    assert _fingerprint(first_0) != _fingerprint(first_1)
+    torch.testing.assert_close(first_1[0]["image"], again_1[0]["image"])
+    # Every spatial augmentation moved image and label together: labelled voxels are the bright (blood) ones.
+    checked = 0
+    for batch in first_0 + first_1:
+        for image, label in zip(batch["image"][:, 0], batch["label"][:, 0]):
+            if label.sum() > 20:
+                tissue = (label == 0) & (image > image.min() + 0.5)
+                assert image[label == 1].median() > image[tissue].median() + 0.5
+                checked += 1
+    assert checked >= 3
+
+    # A resumed run that starts at epoch 1 in a fresh process sees exactly the uninterrupted epoch 1 ...
+    train, _ = D.build_dataloaders(data_config, cohort, 16, 2, torch.device("cpu"), seed=5)
+    D.set_epoch(train, 1)
+    assert _fingerprint(list(train)) == _fingerprint(first_1)
+    # ... also with worker processes, and a different seed gives different crops.
+    with_workers = config(cohort_dir, augmentation_prob=1.0, num_workers=2)
+    train, val = D.build_dataloaders(with_workers, cohort, 16, 2, torch.device("cpu"), seed=5)
+    assert train.num_workers == 2 and train.persistent_workers and not train.pin_memory
+    for epoch, expected in ((0, first_0), (1, first_1)):
+        D.set_epoch(train, epoch)
+        assert _fingerprint(list(train)) == _fingerprint(expected)
+    (other_0, _), _ = _run_epochs(data_config, cohort, seed=6)
+    assert _fingerprint(other_0) != _fingerprint(first_0)
+
+
+def test_forgetting_set_epoch_is_warned(cohort_dir, caplog):
+    data_config = config(cohort_dir)
+    train, _ = D.build_dataloaders(data_config, D.validate_cohort(data_config), 16, 2, torch.device("cpu"), seed=0)
+    list(train)
+    list(train)
+    assert "iterated twice for epoch 0" in caplog.text
+
+
+def test_distributed_shards(cohort_dir):
+    data_config = config(cohort_dir)
+    cohort = D.validate_cohort(data_config)
+    seen_train, seen_val = [], []
+    for rank in (0, 1):
+        train, val = D.build_dataloaders(data_config, cohort, 16, 1, torch.device("cpu"), seed=0, rank=rank,
+                                         world_size=2)
+        D.set_epoch(train, 3)
+        seen_train.append(sorted(b["case_id"][0] for b in train))
+        seen_val.append([b["case_id"][0] for b in val])
+    assert len(seen_train[0]) == len(seen_train[1]) == 2
+    assert sorted(seen_train[0] + seen_train[1]) == ["001", "002", "003", "004"]
+    assert sorted(seen_val[0] + seen_val[1]) == ["005", "006"]
+    with pytest.raises(ValueError, match="rank"):
+        D.build_dataloaders(data_config, cohort, 16, 1, torch.device("cpu"), seed=0, rank=2, world_size=2)
+
+
+def test_worker_count_is_automatic_or_explicit():
+    auto = D.choose_num_workers(DataConfig(), torch.device("cpu"), largest_volume_bytes=10 * 2**20)
+    assert 0 <= auto <= min(8, max(0, (os.cpu_count() or 1) - 1))
+    assert D.choose_num_workers(DataConfig(num_workers=3), torch.device("cpu")) == 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# statistics
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_dataset_statistics(cohort_dir):
+    data_config = config(cohort_dir)
+    cohort = D.validate_cohort(data_config)
+    stats = json.loads(json.dumps(D.compute_dataset_stats(cohort, data_config)))   # JSON-ready
+    assert stats["n_scans"] == 6
+    assert stats["splits"]["train"] == {"scans": 4, "positive": 2, "negative": 2, "patients": 3}
+    assert stats["splits"]["val"] == {"scans": 2, "positive": 1, "negative": 1, "patients": 2}
+    blood_voxels = int(phantom()[1].sum())
+    voxel_ml = np.prod(SPACING) / 1000
+    assert stats["hemorrhage_ml"]["scans"] == 3
+    assert stats["hemorrhage_ml"]["sum"] == pytest.approx(3 * blood_voxels * voxel_ml)
+    assert stats["hemorrhage_ml"]["median"] == pytest.approx(blood_voxels * voxel_ml)
+    assert stats["foreground_fraction"]["overall"] == pytest.approx(3 * blood_voxels / (6 * np.prod(SHAPE)))
+    assert stats["shape"]["median"] == list(SHAPE) and stats["spacing_sources"] == {"image": 6}
+    assert stats["hu_percentiles"]["p1"] == -1000 and 20 <= stats["hu_percentiles"]["p75"] <= 45
+    assert stats["hu_percentiles"]["p99.5"] == 70
+    # Same numbers when nothing was gathered during validation (cases are read again).
+    bare = D.Cohort(train=cohort.train, val=cohort.val, warnings=[])
+    assert D.compute_dataset_stats(bare, data_config)["hemorrhage_ml"] == stats["hemorrhage_ml"]
+    table = D.format_stats_table(stats)
+    assert "train         4      2      2         3" in table
+    assert "hemorrhage mL (3 scans with blood)" in table and "HU percentiles" in table

@@ -1,0 +1,211 @@
+"""The training loop on real (tiny) models and generated cohorts: accumulation, error recovery, resume, wandb.
+
+The end-to-end learning check of the CLI lives in test_end_to_end.py; here each test drives one mechanism.
+"""
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+
+import tracking
+import train
+from config import build_config
+from model import build_model
+from trainer import LATEST_NAME, NonFiniteLossError, Trainer
+
+
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory):
+    from synthetic import generate_cohort
+
+    return generate_cohort(tmp_path_factory.mktemp("cohort"), n_train=6, n_val=2, shape=(64, 64, 16),
+                           spacing=(1.5, 1.5, 4.0), seed=3)
+
+
+def cli_args(cohort, output_dir, *extra):
+    return ["--train_csv", str(cohort.train_csv), "--val_csv", str(cohort.val_csv), "--mask_dir",
+            str(cohort.mask_dir), "--output_dir", str(output_dir), "--model", "tiny", "--batch_size", "2",
+            "--gradient_accumulation_steps", "2", "--lr", "1e-3", "--target_spacing", "3", "3", "3",
+            "--num_workers", "0", "--device", "cpu", "--seed", "11", "--max_steps_per_epoch", "3",
+            "--prompt_mode", "mixed", "--click_rounds", "2", "--scheduler_type", "cosine", *extra]
+
+
+class ListLoader:
+    """A DataLoader stand-in that yields fixed batches (so two runs see exactly the same data)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def fixed_batches(batch_size, count, seed=0, nan_at=()):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size * count, 1, 64, 64, 64, generator=generator)
+    labels = torch.zeros_like(images)
+    labels[::2, :, 20:40, 24:36, 30:44] = 1
+    images = images + 2 * labels
+    batches = []
+    for i in range(count):
+        part = slice(i * batch_size, (i + 1) * batch_size)
+        image = images[part].clone()
+        if i in nan_at:
+            image[:] = float("nan")
+        batches.append({"image": image, "label": labels[part].clone(),
+                        "ich": labels[part].flatten(1).amax(1), "case_id": [f"c{i}"] * batch_size})
+    return ListLoader(batches)
+
+
+def make_trainer(tmp_path, loader, *flags):
+    config, _ = build_config(["--test", "--model", "tiny", "--device", "cpu", "--output_dir", str(tmp_path),
+                              "--lr", "1e-3", "--epochs", "1", *flags])
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    return Trainer(config, model, loader, ListLoader([]), torch.device("cpu"), tracking.NullTracker(), tmp_path)
+
+
+def record_gradients(trainer):
+    """Keep a copy of the gradients handed to each optimiser step (after unscaling and clipping)."""
+    recorded = []
+    real_step = trainer.scaler.step
+
+    def step(optimizer, *args, **kwargs):
+        recorded.append({name: p.grad.clone() for name, p in trainer.model.named_parameters()
+                         if p.grad is not None})
+        return real_step(optimizer, *args, **kwargs)
+
+    trainer.scaler.step = step
+    return recorded
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(tmp_path):
+    one_big = make_trainer(tmp_path / "a", fixed_batches(4, 1), "--batch_size", "4",
+                           "--gradient_accumulation_steps", "1", "--prompt_mode", "none")
+    accumulated = make_trainer(tmp_path / "b", fixed_batches(1, 4), "--batch_size", "1",
+                               "--gradient_accumulation_steps", "4", "--prompt_mode", "none")
+    assert all(torch.equal(one_big.model.state_dict()[k], v) for k, v in accumulated.model.state_dict().items())
+    big_grads, accumulated_grads = record_gradients(one_big), record_gradients(accumulated)
+    one_big.train_epoch(0)
+    accumulated.train_epoch(0)
+    assert len(big_grads) == len(accumulated_grads) == 1
+    assert set(big_grads[0]) == set(accumulated_grads[0]) and len(big_grads[0]) > 10
+    for name, grad in big_grads[0].items():
+        torch.testing.assert_close(accumulated_grads[0][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert sum(g.abs().sum() for g in big_grads[0].values()) > 0
+
+
+def test_short_last_group_steps(tmp_path):
+    trainer = make_trainer(tmp_path, fixed_batches(1, 5), "--batch_size", "1", "--gradient_accumulation_steps",
+                           "2", "--prompt_mode", "none")
+    trainer.train_epoch(0)
+    assert trainer.global_step == 3  # groups of 2, 2 and the short 1
+
+
+def test_nonfinite_loss_is_skipped_then_aborts(tmp_path):
+    trainer = make_trainer(tmp_path / "skip", fixed_batches(1, 4, nan_at=(1,)), "--batch_size", "1",
+                           "--gradient_accumulation_steps", "1", "--prompt_mode", "none")
+    stats = trainer.train_epoch(0)
+    assert stats["nonfinite_skipped"] == 1 and trainer.global_step == 3
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    diverging = make_trainer(tmp_path / "abort", fixed_batches(1, 4, nan_at=(0, 1, 2, 3)), "--batch_size", "1",
+                             "--gradient_accumulation_steps", "1", "--prompt_mode", "none",
+                             "--max_nonfinite_steps", "3")
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses"):
+        diverging.train_epoch(0)
+
+
+def test_out_of_memory_batch_is_skipped_with_advice(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, fixed_batches(1, 3), "--batch_size", "1", "--gradient_accumulation_steps",
+                           "1", "--prompt_mode", "none")
+    real_forward = trainer.step_module.forward
+    calls = {"n": 0}
+
+    def flaky_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(*args, **kwargs)
+
+    trainer.step_module.forward = flaky_forward
+    stats = trainer.train_epoch(0)
+    assert stats["oom_skipped"] == 1 and trainer.global_step == 2
+    assert "--use_gradient_checkpointing" in caplog.text and "--batch_size" in caplog.text
+
+
+def final_weights(output_dir):
+    return torch.load(output_dir / LATEST_NAME, map_location="cpu", weights_only=True)
+
+
+def test_killed_run_resumes_to_the_same_result(small_cohort, tmp_path, monkeypatch):
+    # The step schedule does not depend on --epochs, so a 1-epoch first run is a true prefix of the 3-epoch run.
+    schedule = ("--scheduler_type", "step", "--step_size", "1")
+    straight = tmp_path / "straight"
+    assert train.main(cli_args(small_cohort, straight, "--epochs", "3", *schedule)) == 0
+
+    # Stop twice: at an epoch boundary (a plain shorter run) and mid-epoch by SIGTERM after the 3rd optimiser step.
+    interrupted = tmp_path / "interrupted"
+    assert train.main(cli_args(small_cohort, interrupted, "--epochs", "1", *schedule)) == 0
+    real_step = Trainer._optimizer_step
+
+    def step_then_signal(self):
+        real_step(self)
+        if self.global_step == 3:
+            self._stop_signal = signal.SIGTERM
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step_then_signal)
+    assert train.main(cli_args(small_cohort, interrupted, "--epochs", "3", "--resume", "auto", *schedule)) == 130
+    saved = final_weights(interrupted)
+    assert saved["epoch"] == 1 and saved["epoch_progress"]["batches_done"] == 2
+    monkeypatch.setattr(Trainer, "_optimizer_step", real_step)
+    assert train.main(cli_args(small_cohort, interrupted, "--epochs", "3", "--resume", "auto", *schedule)) == 0
+
+    expected, resumed = final_weights(straight), final_weights(interrupted)
+    assert resumed["epoch"] == expected["epoch"] == 3
+    assert resumed["global_step"] == expected["global_step"]
+    for key, value in expected["model_state_dict"].items():
+        assert torch.equal(resumed["model_state_dict"][key], value), f"{key} differs after resume"
+    assert [h["train_loss"] for h in resumed["history"]] == pytest.approx(
+        [h["train_loss"] for h in expected["history"]], rel=1e-6)
+
+
+def test_summary_json_and_wandb_offline_run_resumes(small_cohort, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(cli_args(small_cohort, out, "--epochs", "1", "--use_wandb")) == 0
+    first = final_weights(out)
+    run_id = first["wandb_run_id"]
+    assert run_id and list((out / "wandb").glob(f"offline-run-*-{run_id}*"))
+    assert train.main(cli_args(small_cohort, out, "--epochs", "2", "--use_wandb", "--resume", "auto")) == 0
+    assert final_weights(out)["wandb_run_id"] == run_id
+    assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}*"))) >= 2
+
+    summaries = sorted(out.glob("training_summary_*.json"))
+    assert len(summaries) == 2
+    summary = json.loads(summaries[-1].read_text())
+    for key in ("config", "dataset_stats", "history", "best_epoch", "best_val_dice", "best_metrics",
+                "stop_reason", "total_time_s", "peak_memory", "system", "epochs_completed"):
+        assert key in summary, key
+    assert summary["epochs_completed"] == 2 and len(summary["history"]) == 2
+    assert summary["stop_reason"] == "max_epochs"
+    assert summary["config"]["train"]["epochs"] == 2
+    assert summary["dataset_stats"]["scans"]["all"] if isinstance(summary["dataset_stats"].get("scans"), dict) \
+        else summary["dataset_stats"]
+    assert summary["peak_memory"]["peak_rss_gb"] > 0
+    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("epoch,")
+
+
+def test_bad_cohort_exits_1_naming_the_file(tmp_path, caplog):
+    csv = tmp_path / "train.csv"
+    csv.write_text("path,ich,patient_id\nmissing_049.pkl,1,P1\n")
+    (tmp_path / "masks").mkdir()
+    code = train.main(["--train_csv", str(csv), "--val_csv", str(csv), "--mask_dir", str(tmp_path / "masks"),
+                       "--output_dir", str(tmp_path / "out"), "--model", "tiny", "--allow_patient_overlap"])
+    assert code == 1
+    assert "missing_049.pkl" in caplog.text
