@@ -31,7 +31,8 @@ def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, roi_size:
 
     Args:
         model: a SamMed3D (or a DDP/compiled wrapper around one) whose forward returns ``{"masks": B×1×S×S×S}``.
-        image: 1×1×D×H×W preprocessed volume on the model's device; any D, H, W (padded internally).
+        image: 1×1×D×H×W preprocessed volume on the model's device; any D, H, W (padded internally with the
+            volume's minimum, i.e. air, as the training crops are).
         roi_size: the model's input size S.
     Returns:
         1×1×D×H×W float32 logits.
@@ -43,7 +44,7 @@ def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, roi_size:
     with autocast_context(image.device, amp_dtype):
         logits = sliding_window_inference(image, roi_size=(roi_size,) * 3, sw_batch_size=sw_batch_size,
                                           predictor=predictor, overlap=overlap, mode="gaussian",
-                                          padding_mode="constant", cval=0.0)
+                                          padding_mode="constant", cval=float(image.min()))
     return torch.as_tensor(logits).float()
 
 
@@ -70,9 +71,10 @@ def click_refined_logits(model: torch.nn.Module, image: torch.Tensor, logits: to
     if len(points) != len(labels):
         raise ValueError(f"{len(points)} points but {len(labels)} labels")
     spatial = image.shape[2:]
-    # Pad small volumes up to one window so every click has a full-size window around it.
+    # Pad small volumes up to one window so every click has a full-size window around it; like the training
+    # crops, padding is the volume's minimum (air), not 0 (average tissue after z-scoring).
     pad = [max(roi_size - s, 0) for s in spatial]
-    padded = F.pad(image, [0, pad[2], 0, pad[1], 0, pad[0]], value=0.0)
+    padded = F.pad(image, [0, pad[2], 0, pad[1], 0, pad[0]], value=float(image.min()))
     coords = torch.as_tensor(points, dtype=torch.float32)
     for axis, size in enumerate(spatial):
         if (coords[:, axis] < 0).any() or (coords[:, axis] > size - 1).any():

@@ -172,10 +172,14 @@ class Predictor:
         prepared = preprocess_image(image, spacing, self.config.data)
         volume = torch.as_tensor(prepared, dtype=torch.float32)[None].to(self.device)
         logits = sliding_window_logits(self.model, volume, self.roi_size, self.amp_dtype)
+        for point in points:
+            if len(point) != 3 or any(not 0 <= c <= n - 1 for c, n in zip(point, image.shape)):
+                raise ValueError(f"click {tuple(point)} lies outside the volume of shape {image.shape}")
         if len(points):
-            # Clicks move with the resampling: scale each axis by (preprocessed size / original size).
+            # Clicks move with the resampling; voxel centres follow resample_to_shape's align_corners=False grid.
             scale = np.array(volume.shape[2:], dtype=float) / np.array(image.shape, dtype=float)
-            scaled = [tuple(np.minimum(np.array(p) * scale, np.array(volume.shape[2:]) - 1)) for p in points]
+            upper = np.array(volume.shape[2:], dtype=float) - 1
+            scaled = [tuple(np.clip((np.array(p) + 0.5) * scale - 0.5, 0, upper)) for p in points]
             logits = click_refined_logits(self.model, volume, logits, scaled, list(labels), self.roi_size,
                                           self.amp_dtype)
         probabilities = torch.sigmoid(logits)[0].cpu().numpy()
@@ -206,22 +210,29 @@ def largest_component_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
     return float(sizes.max()) * float(np.prod(spacing)) / 1000.0
 
 
-def scan_geometry(path: Path, meta: dict[str, Any], mask_path: Path | None,
+def scan_geometry(path: Path, meta: dict[str, Any], shape: Sequence[int], mask_path: Path | None,
                   fallback_spacing: Sequence[float]) -> tuple[tuple[float, float, float], np.ndarray, str]:
-    """Voxel spacing and affine of a raw scan: its own metadata, else its mask's header, else the fallback."""
+    """Voxel spacing and affine of a raw scan, in the order the training data used: the file's own metadata,
+    else its mask's NIfTI header (reordered when the mask is stored with permuted axes), else the fallback
+    ``--spacing`` saved in the training config."""
     import nibabel as nib
 
-    spacing, affine = meta.get("spacing"), meta.get("affine")
-    source = "image"
-    if (spacing is None or affine is None) and mask_path is not None:
-        header = nib.load(str(mask_path))
-        spacing = spacing if spacing is not None else tuple(float(z) for z in header.header.get_zooms()[:3])
-        affine = affine if affine is not None else header.affine
-        source = "mask header"
+    from dataloader import mask_header_spacing, matching_axes
+
+    spacing, affine, source = meta.get("spacing"), meta.get("affine"), "image"
+    if spacing is None and mask_path is not None:
+        header_spacing = mask_header_spacing(mask_path)
+        axes = matching_axes(shape, nib.load(str(mask_path)).shape[:3])
+        if header_spacing is not None and axes is not None:
+            spacing = tuple(header_spacing[a] for a in axes)
+            source = "mask header"
+            if affine is None and axes == (0, 1, 2):
+                affine = nib.load(str(mask_path)).affine
     if spacing is None:
         spacing = tuple(fallback_spacing)
         source = "fallback --spacing of the training config"
-        logger.warning("%s: no spacing in the file or a mask; using the training fallback %s mm", path, spacing)
+        logger.warning("%s: no spacing in the file or a mask header; using the training fallback %s mm", path,
+                       spacing)
     spacing = tuple(float(s) for s in spacing)
     if affine is None:
         affine = np.diag([*spacing, 1.0])
@@ -257,7 +268,8 @@ def run(config: PredictConfig) -> int:
         try:
             image, meta = load_image_file(scan.path)
             mask_path = find_mask(scan.path, Path(config.mask_dir)) if config.mask_dir else None
-            spacing, affine, _ = scan_geometry(scan.path, meta, mask_path, predictor.config.data.spacing)
+            spacing, affine, _ = scan_geometry(scan.path, meta, image.shape, mask_path,
+                                               predictor.config.data.spacing)
             probabilities = predictor.segment(image, spacing, points, point_labels)
         except (OSError, ValueError, RuntimeError) as error:
             failures.append(f"{scan.path}: {error}")
@@ -352,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     config = PredictConfig(**vars(args))
-    utils.setup_logging(Path(config.output_dir), rank=0)
+    utils.setup_logging(Path(config.output_dir), rank=0, log_name="predict.log")
     try:
         return run(config)
     except (FileNotFoundError, ValueError, PredictionError) as error:

@@ -943,10 +943,11 @@ class TqdmLoggingHandler(logging.Handler):
             self.handleError(record)
 
 
-def setup_logging(output_dir: str | os.PathLike | None, rank: int = 0, level: int = logging.INFO) -> None:
+def setup_logging(output_dir: str | os.PathLike | None, rank: int = 0, level: int = logging.INFO,
+                  log_name: str = "train.log") -> None:
     """Configure the root logger for a training process.
 
-    Rank 0: console (via tqdm) and, when ``output_dir`` is given, ``<output_dir>/train.log`` (appended, so a
+    Rank 0: console (via tqdm) and, when ``output_dir`` is given, ``<output_dir>/<log_name>`` (appended, so a
     resumed run continues the same log). Other ranks: console only, warnings and errors only, prefixed with
     the rank. Calling again replaces the handlers this function added (handlers added by others, such as
     pytest's, are left alone), so it is idempotent. Python ``warnings`` are routed into logging as well.
@@ -972,7 +973,7 @@ def setup_logging(output_dir: str | os.PathLike | None, rank: int = 0, level: in
     if rank == 0 and output_dir is not None:
         log_dir = Path(output_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_dir / "train.log", mode="a", encoding="utf-8")
+        file_handler = logging.FileHandler(log_dir / log_name, mode="a", encoding="utf-8")
         file_handler.setFormatter(formatter)
         setattr(file_handler, _HANDLER_TAG, True)
         root.addHandler(file_handler)

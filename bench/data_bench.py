@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 image = D.preprocess_image(volume, case.spacing, data_config)
                 t2 = time.perf_counter()
                 if case.mask_path:
-                    mask, _ = D.load_mask_file(case.mask_path)
+                    mask = D.load_mask_file(case.mask_path)
                     D.resample_to_shape(mask.transpose(case.mask_axes)[None], image.shape[1:], "nearest")
                 t3 = time.perf_counter()
                 load.append(t1 - t0)
