@@ -28,7 +28,6 @@ use a fused kernel; the bias is computed in fp32 with autocast off (it is a log 
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -38,8 +37,6 @@ from torch.utils.checkpoint import checkpoint
 
 from modeling.common import LayerNorm3d, MLPBlock
 from modeling.validation import check_volume
-
-logger = logging.getLogger(__name__)
 
 # SAM convention for the encoder's transformer LayerNorms.
 ENCODER_NORM_EPS = 1e-6

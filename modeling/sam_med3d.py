@@ -6,7 +6,6 @@ L = 4·g (low-res mask side, the decoder's 4× upscaling of the token grid: 32 f
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -18,8 +17,6 @@ from modeling.mask_decoder import MaskDecoder3D
 from modeling.prompt_encoder import PromptEncoder3D
 from modeling.representation_head import RepresentationHead
 from modeling.validation import check_features, check_mask_prompt, check_points
-
-logger = logging.getLogger(__name__)
 
 
 class SamMed3D(nn.Module):

@@ -16,3 +16,20 @@ def _offline_tracking(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One real CLI training run with the self-test's settings, shared by the end-to-end, predict and BLIP-2
+    tests (training is the slow part; each test only reads its outputs)."""
+    import train
+    from config import Config
+    from selftest import SELFTEST_COHORT, selftest_argv
+    from synthetic import generate_cohort
+
+    root = tmp_path_factory.mktemp("trained_run")
+    cohort = generate_cohort(root / "data", **SELFTEST_COHORT)
+    output_dir = root / "run"
+    code = train.main(selftest_argv(cohort, output_dir, Config()))
+    assert code == 0, "the shared training run failed"
+    return {"cohort": cohort, "output_dir": output_dir}

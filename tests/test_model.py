@@ -409,6 +409,7 @@ class _Hostile:
         return pathlib.Path.touch, (self.marker,)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_hostile_pickle_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "executed"
     zipped = tmp_path / "hostile.pth"
@@ -621,6 +622,9 @@ def test_exported_encoder_and_head_reproduce_the_model_bit_for_bit(tmp_path):
         got = head(tokens)
     assert torch.equal(tokens, features.flatten(2).transpose(1, 2))
     assert torch.equal(got["tokens"], expected["tokens"]) and torch.equal(got["ich_logit"], expected["ich_logit"])
+    encoder.train()  # as a BLIP-2 visual encoder being tuned: every tensor must receive a gradient
+    encoder(images).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
 
 
 def test_export_rejects_key_clashes_and_wrong_files(tmp_path):
