@@ -223,7 +223,7 @@ class Config:
             raise ConfigError(problems)
 
         if t.use_mixed_precision and t.device == "cpu":
-            warnings.append("--use_mixed_precision on CPU runs bf16 autocast, which is often slower than fp32 there")
+            warnings.append("--use_mixed_precision has no effect on CPU: bf16 autocast is far slower than fp32 there")
         if t.patience >= t.epochs:
             warnings.append(f"--patience {t.patience} >= --epochs {t.epochs}: early stopping can never trigger")
         effective = t.batch_size * t.gradient_accumulation_steps

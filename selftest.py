@@ -23,9 +23,10 @@ logger = logging.getLogger(__name__)
 
 # The self-test cohort and schedule: small enough for < 3 minutes on 2 CPU cores, large enough to learn.
 SELFTEST_COHORT = {"n_train": 16, "n_val": 6, "shape": (96, 96, 24), "spacing": (1.2, 1.2, 4.0), "seed": 7}
-SELFTEST_EPOCHS = 12
-# Validation Dice the tiny model must reach on the synthetic cohort (measured ~0.6-0.8; see the README).
-SELFTEST_MIN_DICE = 0.3
+SELFTEST_EPOCHS = 30
+# Validation Dice on ICH-positive scans the tiny model must reach (measured 0.43 at 2 mm; the empty-mask plateau
+# of the first ~7 epochs scores 0).
+SELFTEST_MIN_DICE = 0.25
 EXPECTED_FILES = ("best_model.pth", "latest_model.pth", "sam_encoder.pth", "config.json", "metrics.csv",
                   "learning_curves.png", "train.log", "dataset_stats.json")
 
@@ -56,7 +57,6 @@ def check_encoder_export(encoder_path: Path, best_path: Path, img_size: int) -> 
     Returns a short description; raises AssertionError on a mismatch.
     """
     from model import build_model, load_sam_encoder
-    from config import ModelConfig
 
     state = torch.load(best_path, map_location="cpu", weights_only=True)
     export = torch.load(encoder_path, map_location="cpu", weights_only=True)
@@ -65,7 +65,6 @@ def check_encoder_export(encoder_path: Path, best_path: Path, img_size: int) -> 
     trained.load_state_dict(state["model_state_dict"], strict=True)
     trained.eval()
     encoder = load_sam_encoder(encoder_path)
-    assert isinstance(saved_model, ModelConfig)
     volume = torch.randn(1, 1, img_size, img_size, img_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = trained.encode(volume).flatten(2).transpose(1, 2)
@@ -87,14 +86,16 @@ def check_qformer(encoder_path: Path, img_size: int) -> str:
                                         intermediate_size=64, encoder_hidden_size=encoder.num_features,
                                         cross_attention_frequency=1)
     qformer = Blip2QFormerModel(qformer_config)
-    queries = torch.zeros(2, 8, qformer_config.hidden_size)
-    volume = torch.randn(2, 1, img_size, img_size, img_size)
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(2, 8, qformer_config.hidden_size, generator=generator)
+    volume = torch.randn(2, 1, img_size, img_size, img_size, generator=generator)
     tokens = encoder(volume)
     attention = torch.ones(tokens.shape[:2], dtype=torch.long)
     output = qformer(query_embeds=queries, encoder_hidden_states=tokens, encoder_attention_mask=attention)
     hidden = output.last_hidden_state
     assert hidden.shape == (2, 8, qformer_config.hidden_size), f"unexpected Q-Former output {tuple(hidden.shape)}"
-    hidden.sum().backward()
+    # A random projection as the loss: a plain sum of LayerNorm outputs has zero gradient by construction.
+    (hidden * torch.randn(hidden.shape, generator=generator)).sum().backward()
     grads = [p.grad for p in encoder.parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads), "some encoder parameters received no gradient"
     assert any(g.abs().sum() > 0 for g in grads), "encoder gradients are all zero"
@@ -124,11 +125,12 @@ def run_self_test(base: Config) -> int:
         checks.append(Check("training run", code == 0 and summary is not None, f"exit code {code}"))
         if summary is not None:
             history = summary["history"]
-            first = history[0].get("val_dice", math.nan)
-            best = summary["best_val_dice"] or math.nan
+            first = history[0].get("val_dice_positive", math.nan)
+            best = max((h.get("val_dice_positive", math.nan) for h in history), default=math.nan)
             learned = best >= SELFTEST_MIN_DICE and best > first
-            checks.append(Check("learning", learned, f"val Dice {first:.3f} after epoch 1 -> best {best:.3f} "
-                                                     f"(needs >= {SELFTEST_MIN_DICE})"))
+            checks.append(Check("learning", learned, f"val Dice on ICH-positive scans {first:.3f} after epoch 1 "
+                                                     f"-> best {best:.3f} (needs >= {SELFTEST_MIN_DICE}); "
+                                                     f"all-scan Dice best {summary['best_val_dice']:.3f}"))
             _run_check(checks, "output files", lambda: _check_files(output_dir))
             _run_check(checks, "encoder export", lambda: check_encoder_export(
                 output_dir / "sam_encoder.pth", output_dir / "best_model.pth", 64))

@@ -99,7 +99,7 @@ def test_cli_exits_2_with_one_line_per_problem(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, fragment", [
-    (["--use_mixed_precision", "--device", "cpu"], "mixed_precision on CPU"),
+    (["--use_mixed_precision", "--device", "cpu"], "no effect on CPU"),
     (["--patience", "20", "--epochs", "10"], "early stopping can never trigger"),
     (["--batch_size", "16", "--gradient_accumulation_steps", "16"], "effective batch 256"),
     (["--lr", "0.01"], "high for fine-tuning"),

@@ -120,4 +120,4 @@ def test_loss_is_low_for_a_correct_prediction_and_ich_term_is_weighted():
 
 def test_amp_dtype_choice():
     assert choose_amp_dtype(torch.device("cpu"), False) is None
-    assert choose_amp_dtype(torch.device("cpu"), True) is torch.bfloat16
+    assert choose_amp_dtype(torch.device("cpu"), True) is None  # CPU bf16 autocast is ~60x slower
