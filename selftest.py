@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+import blip2
 from config import Config, build_config
 
 logger = logging.getLogger(__name__)
@@ -51,57 +52,6 @@ def selftest_argv(cohort: Any, output_dir: Path, base: Config, epochs: int = SEL
     return argv
 
 
-def check_encoder_export(encoder_path: Path, best_path: Path, img_size: int) -> str:
-    """The encoder rebuilt from sam_encoder.pth alone gives bit-identical tokens to the trained model's encoder.
-
-    Returns a short description; raises AssertionError on a mismatch.
-    """
-    from model import build_model, load_sam_encoder
-
-    state = torch.load(best_path, map_location="cpu", weights_only=True)
-    export = torch.load(encoder_path, map_location="cpu", weights_only=True)
-    saved_model = Config.from_dict(state["config"]).model
-    trained = build_model(dataclasses.replace(saved_model, pretrained_checkpoint=None))
-    trained.load_state_dict(state["model_state_dict"], strict=True)
-    trained.eval()
-    encoder = load_sam_encoder(encoder_path)
-    volume = torch.randn(1, 1, img_size, img_size, img_size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = trained.encode(volume).flatten(2).transpose(1, 2)
-        tokens = encoder(volume)
-    assert set(encoder.state_dict()) == set(export["image_encoder_state_dict"]), "encoder keys differ from export"
-    assert torch.equal(tokens, expected), "tokens differ from the trained model's encoder"
-    return f"tokens {tuple(tokens.shape)} bit-identical, num_features={encoder.num_features}"
-
-
-def check_qformer(encoder_path: Path, img_size: int) -> str:
-    """Feed the exported encoder's tokens into a tiny real BLIP-2 Q-Former; gradients must reach the encoder."""
-    from transformers import Blip2QFormerConfig, Blip2QFormerModel
-
-    from model import load_sam_encoder
-
-    encoder = load_sam_encoder(encoder_path)
-    encoder.train()
-    qformer_config = Blip2QFormerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                        intermediate_size=64, encoder_hidden_size=encoder.num_features,
-                                        cross_attention_frequency=1)
-    qformer = Blip2QFormerModel(qformer_config)
-    generator = torch.Generator().manual_seed(0)
-    queries = torch.randn(2, 8, qformer_config.hidden_size, generator=generator)
-    volume = torch.randn(2, 1, img_size, img_size, img_size, generator=generator)
-    tokens = encoder(volume)
-    attention = torch.ones(tokens.shape[:2], dtype=torch.long)
-    output = qformer(query_embeds=queries, encoder_hidden_states=tokens, encoder_attention_mask=attention)
-    hidden = output.last_hidden_state
-    assert hidden.shape == (2, 8, qformer_config.hidden_size), f"unexpected Q-Former output {tuple(hidden.shape)}"
-    # A random projection as the loss: a plain sum of LayerNorm outputs has zero gradient by construction.
-    (hidden * torch.randn(hidden.shape, generator=generator)).sum().backward()
-    grads = [p.grad for p in encoder.parameters() if p.requires_grad]
-    assert grads and all(g is not None for g in grads), "some encoder parameters received no gradient"
-    assert any(g.abs().sum() > 0 for g in grads), "encoder gradients are all zero"
-    return f"Q-Former queries {tuple(hidden.shape)}, gradients reach all {len(grads)} encoder tensors"
-
-
 def _run_check(checks: list[Check], name: str, fn: Callable[[], str]) -> None:
     try:
         checks.append(Check(name, True, fn()))
@@ -132,14 +82,15 @@ def run_self_test(base: Config) -> int:
                                                      f"-> best {best:.3f} (needs >= {SELFTEST_MIN_DICE}); "
                                                      f"all-scan Dice best {summary['best_val_dice']:.3f}"))
             _run_check(checks, "output files", lambda: _check_files(output_dir))
-            _run_check(checks, "encoder export", lambda: check_encoder_export(
+            _run_check(checks, "encoder export", lambda: blip2.check_encoder_export(
                 output_dir / "sam_encoder.pth", output_dir / "best_model.pth", 64))
             try:
                 import transformers  # noqa: F401  (optional: a test-only dependency)
             except ImportError:
                 checks.append(Check("BLIP-2 Q-Former", True, "skipped: transformers not installed"))
             else:
-                _run_check(checks, "BLIP-2 Q-Former", lambda: check_qformer(output_dir / "sam_encoder.pth", 64))
+                _run_check(checks, "BLIP-2 Q-Former",
+                           lambda: blip2.check_qformer(output_dir / "sam_encoder.pth", 64))
             resume_config, _ = build_config(selftest_argv(cohort, output_dir, base, SELFTEST_EPOCHS + 1)
                                             + ["--resume", "auto"])
             resume_code, resumed = run_training(resume_config)
