@@ -1181,8 +1181,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 class EpochSampler(Sampler):
     """Yields ``(index, epoch)`` so every sample's randomness can be derived from (seed, epoch, index) in whatever
-    worker process loads it. The order is a permutation seeded by (seed, epoch) or, with several ranks, comes from
-    the wrapped DistributedSampler. Call ``set_epoch`` before each epoch."""
+    worker process loads it. The order comes from the wrapped DistributedSampler (``build_dataloaders`` always
+    wraps one, with world size 1 for a single process, so single- and multi-process runs share one permutation);
+    without one it is a permutation seeded by (seed, epoch). Call ``set_epoch`` before each epoch."""
 
     def __init__(self, n_items: int, seed: int, inner: DistributedSampler | None = None):
         self.n_items, self.seed, self.inner = n_items, seed, inner
@@ -1334,10 +1335,11 @@ def build_dataloaders(data_config: DataConfig, cohort: Cohort, roi_size: int, ba
     train_set = StageDataset(train_base, Compose([transforms.train_random, transforms.finalize]), seed=seed)
     val_set = StageDataset(val_base, transforms.finalize)
 
-    inner = None
-    if world_size > 1:
-        inner = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                   drop_last=False)
+    # One permutation for every world size: DistributedSampler's, also for a single process. Rank r takes
+    # perm[r::world_size], so global step k of a multi-process run sees the same scans (and, seeded per index, the
+    # same crops) as step k of a single process whose batch is world_size times larger.
+    inner = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                               drop_last=False)
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=EpochSampler(len(train_set), seed, inner),
                               drop_last=False, generator=torch.Generator().manual_seed(seed),
                               **_loader_settings(workers, device))

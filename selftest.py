@@ -39,8 +39,9 @@ class Check:
     detail: str
 
 
-def selftest_argv(cohort: Any, output_dir: Path, base: Config, epochs: int = SELFTEST_EPOCHS) -> list[str]:
+def selftest_argv(cohort: Any, output_dir: Path, base: Config, epochs: int | None = None) -> list[str]:
     """Command-line flags for the self-test run (the user's --device and --use_wandb are kept)."""
+    epochs = SELFTEST_EPOCHS if epochs is None else epochs
     argv = ["--train_csv", str(cohort.train_csv), "--val_csv", str(cohort.val_csv), "--mask_dir",
             str(cohort.mask_dir), "--output_dir", str(output_dir), "--model", "tiny", "--epochs", str(epochs),
             "--batch_size", "2", "--gradient_accumulation_steps", "1", "--lr", "2e-3", "--weight_decay", "1e-4",

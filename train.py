@@ -58,7 +58,7 @@ def run_training(config, config_warnings: Sequence[str] = ()) -> tuple[int, dict
         output_dir.mkdir(parents=True, exist_ok=True)
     utils.setup_logging(output_dir if rank == 0 else None, rank=rank)
     try:
-        for warning in config_warnings:
+        for warning in config_warnings if rank == 0 else ():  # every rank sees the same config: say it once
             logger.warning("config: %s", warning)
         if config.data.cache_dir is None:
             config = replace_section(config, "data", cache_dir=str(output_dir / "cache"))
@@ -72,7 +72,7 @@ def run_training(config, config_warnings: Sequence[str] = ()) -> tuple[int, dict
         except dataloader.DataValidationError as error:
             logger.error("%s", error)
             return EXIT_FAILED, None
-        for warning in cohort.warnings:
+        for warning in cohort.warnings if rank == 0 else ():
             logger.warning("data: %s", warning)
         stats = dataloader.compute_dataset_stats(cohort, config.data)
         if rank == 0:
@@ -108,6 +108,10 @@ def run_training(config, config_warnings: Sequence[str] = ()) -> tuple[int, dict
             return EXIT_FAILED, None
         logger.info("done: best val Dice %s at epoch %s (%s); outputs in %s", summary["best_val_dice"],
                     summary["best_epoch"], summary["stop_reason"], output_dir)
+        if world_size > 1:
+            # Leave together: rank 0 may still be writing the summary, and no rank should tear the process group
+            # down while another is still inside it.
+            dist.barrier()
         return EXIT_OK, summary
     finally:
         if world_size > 1 and dist.is_initialized():

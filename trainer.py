@@ -13,7 +13,7 @@ import logging
 import math
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -34,6 +34,10 @@ CHECKPOINT_FORMAT_VERSION = 1
 LATEST_NAME = "latest_model.pth"
 BEST_NAME = "best_model.pth"
 ENCODER_NAME = "sam_encoder.pth"
+# Upper bound of the per-voxel weight of hemorrhage in the cross-entropy (see SegmentationLoss): measured on the
+# synthetic cohort, balancing lifted the tiny model off the empty-mask plateau ~2x sooner; the cap limits the
+# false positives an unbounded weight invites on tiny bleeds.
+MAX_POSITIVE_WEIGHT = 10.0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -195,8 +199,8 @@ class PromptedSegmentation(nn.Module):
 
 
 class SegmentationLoss(nn.Module):
-    """Dice (MONAI) + binary cross-entropy on mask logits, averaged over prompt rounds, plus weighted BCE on the
-    ICH-presence logit.
+    """Dice (MONAI) + class-balanced binary cross-entropy on mask logits, averaged over prompt rounds, plus
+    weighted BCE on the ICH-presence logit.
 
     Both terms are computed per sample and then averaged, so accumulating micro-batches equals one big batch.
     Soft Dice is undefined on an empty target (any non-zero sigmoid gives a loss near 1), so for samples without
@@ -212,7 +216,12 @@ class SegmentationLoss(nn.Module):
     def mask_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean over samples of BCE + Dice·[target not empty]; logits, labels: B×1×D×H×W."""
         logits = logits.float()
-        bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").flatten(1).mean(dim=1)
+        voxel_bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").flatten(1)
+        target = labels.flatten(1)
+        # Hemorrhage is ~1% of a crop: weight its voxels towards half the cross-entropy (capped) so the loss does
+        # not settle on the all-empty answer, where the sigmoid saturates and the Dice gradient vanishes.
+        positive_weight = (target.shape[1] / (2 * target.sum(dim=1).clamp(min=1))).clamp(max=MAX_POSITIVE_WEIGHT)
+        bce = (voxel_bce * torch.where(target > 0.5, positive_weight[:, None], 1.0)).mean(dim=1)
         dice = self.dice(logits, labels).flatten(1).mean(dim=1)
         has_target = (labels.flatten(1).amax(dim=1) > 0.5).float()
         return (bce + dice * has_target).mean()
@@ -286,9 +295,10 @@ class Trainer:
         self.prompt_generator = torch.Generator().manual_seed(t.seed + 1)
 
         step_module: nn.Module = PromptedSegmentation(self.model)
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
         if world_size > 1:
             # Prompt-free rounds leave the point embeddings unused, hence find_unused_parameters.
-            step_module = nn.parallel.DistributedDataParallel(
+            step_module = self.ddp = nn.parallel.DistributedDataParallel(
                 step_module, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=True)
         if t.compile:
@@ -370,10 +380,11 @@ class Trainer:
             self.tracker.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=epoch + 1)
         self.eta.update(record["epoch_time_s"])
         remaining = self.eta.eta_seconds(self.config.train.epochs - epoch - 1)
-        logger.info("epoch %d/%d  loss %.4f  val Dice %s (1-click %s)  lr %.2e  %s  ETA %s%s",
+        logger.info("epoch %d/%d  loss %.4f  val Dice %s (1-click %s)  lr %.2e  %s (data wait %.0f%%)  ETA %s%s",
                     epoch + 1, self.config.train.epochs, train_stats["train_loss"],
                     _fmt(val_stats.get("val_dice")), _fmt(val_stats.get("val_dice_1click")), self._current_lr(),
-                    self.utils.format_duration(record["epoch_time_s"]), self.utils.format_duration(remaining),
+                    self.utils.format_duration(record["epoch_time_s"]),
+                    100 * train_stats.get("data_wait_fraction", 0.0), self.utils.format_duration(remaining),
                     "  (new best)" if improved else "")
 
     def on_fit_end(self) -> dict[str, Any]:
@@ -389,6 +400,9 @@ class Trainer:
             "epochs_completed": self.start_epoch,
             "global_step": self.global_step,
             "total_time_s": time.time() - self.fit_started,
+            # Mean share of training time spent waiting for batches (rank 0's loader): > ~0.2 means the GPU starves.
+            "data_wait_fraction": (sum(h.get("data_wait_fraction", 0.0) for h in self.history) / len(self.history)
+                                   if self.history else None),
             "peak_memory": {key: max((h.get(key) or 0.0) for h in self.history) if self.history else None
                             for key in ("peak_rss_gb", "peak_gpu_allocated_gb", "peak_gpu_reserved_gb")},
             "system": self.utils.collect_system_info(self.device),
@@ -440,14 +454,15 @@ class Trainer:
             data_time += time.time() - fetch_started
             step_started = time.time()
             group_size = sizes[index // t.gradient_accumulation_steps]
-            loss = self._train_micro_batch(batch, group_size)
+            ends_group = (index + 1) % t.gradient_accumulation_steps == 0 or index + 1 == num_batches
+            loss = self._train_micro_batch(batch, group_size, sync=ends_group)
             if loss is not None:
                 progress.loss_sum += loss
                 progress.loss_count += 1
             progress.batches_done = index + 1
-            if progress.batches_done % t.gradient_accumulation_steps == 0 or progress.batches_done == num_batches:
+            if ends_group:
                 self._optimizer_step()
-                if self._stop_signal is not None:
+                if self._stop_requested():
                     bar.close()
                     self._interrupt()
             if self.device.type == "cuda":
@@ -466,17 +481,29 @@ class Trainer:
                 "data_wait_fraction": data_time / elapsed if elapsed > 0 else 0.0,
                 "nonfinite_skipped": progress.nonfinite_skipped, "oom_skipped": progress.oom_skipped}
 
-    def _train_micro_batch(self, batch: dict[str, Any], group_size: int) -> float | None:
-        """Forward and backward of one micro-batch; returns its loss, or None when the batch was skipped."""
+    def _train_micro_batch(self, batch: dict[str, Any], group_size: int, sync: bool = True) -> float | None:
+        """Forward and backward of one micro-batch; returns its loss, or None when the batch was skipped.
+
+        ``sync=False`` (a micro-batch that does not end its accumulation group) skips DDP's gradient all-reduce:
+        the gradients accumulate locally and are averaged once, in the group's last backward.
+        """
         images = batch["image"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
         rounds = self._choose_click_rounds()
+        # no_sync must cover the forward too: DDP decides in forward whether the coming backward reduces.
+        with (self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()):
+            return self._forward_backward(batch, images, labels, rounds, group_size)
+
+    def _forward_backward(self, batch: dict[str, Any], images: torch.Tensor, labels: torch.Tensor, rounds: int,
+                          group_size: int) -> float | None:
         try:
             with autocast_context(self.device, self.amp_dtype):
                 out = self.step_module(images, labels, rounds, self.prompt_generator)
                 loss, _ = self.loss_fn(out["masks"], out["ich_logit"], labels)
-            # A host sync per micro-batch, accepted so that a NaN never reaches the weights.
-            if not torch.isfinite(loss):
+            # A host sync per micro-batch, accepted so that a NaN never reaches the weights. Under DDP the skip is
+            # decided together: a rank that skipped backward while the others ran it would pair its next
+            # gradient all-reduce with their current one (silently mixed gradients, then a hang or a crash).
+            if not self._all_ranks_true(bool(torch.isfinite(loss))):
                 self._on_nonfinite_loss(batch)
                 return None
             self.consecutive_nonfinite = 0
@@ -497,6 +524,13 @@ class Trainer:
                 "keep --max_grad_norm > 0, or disable --use_mixed_precision; resume from best_model.pth.")
 
     def _on_out_of_memory(self, batch: dict[str, Any]) -> None:
+        if self.world_size > 1:
+            # The other ranks are already inside this step's collectives (loss vote or gradient all-reduce) and
+            # cannot be matched any more: failing fast lets torchrun stop the job instead of hanging until timeout.
+            raise RuntimeError(
+                f"out of memory on rank {self.rank} ({', '.join(map(str, batch.get('case_id', [])))}): under DDP a "
+                "micro-batch cannot be skipped on one rank. Lower --batch_size (raise --gradient_accumulation_steps"
+                "), add --use_gradient_checkpointing or --use_mixed_precision, and restart with --resume auto")
         self.progress.oom_skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
@@ -539,7 +573,8 @@ class Trainer:
         """Whole-volume sliding-window validation: prompt-free and 1-click Dice, HD95, volume error (mL)."""
         self.model.eval()
         spacing = self.config.data.target_spacing
-        rows, click_rows, losses = [], [], []
+        rows: list[dict[str, Any]] = []
+        click_rows: list[dict[str, Any]] = []
         log_images = (self.config.log.log_images and self.is_main
                       and (epoch + 1) % self.config.log.log_freq == 0)
         overlay_saved = False
@@ -549,23 +584,25 @@ class Trainer:
             label = batch["label"].to(self.device)
             logits = sliding_window_logits(self.model, image, self.roi_size, self.amp_dtype)
             loss, _ = self.loss_fn([logits], None, label)
-            losses.append(float(loss))
             prediction = logits > 0
-            rows.append(metrics.segmentation_metrics(prediction.cpu(), label.cpu(), spacing))
+            case_id = str(batch.get("case_id", [len(rows)])[0])
+            rows.append({"case_id": case_id, "loss": float(loss),
+                         **metrics.segmentation_metrics(prediction.cpu(), label.cpu(), spacing)})
             click = interior_point(label[0, 0])
             if click is not None:
                 refined = click_refined_logits(self.model, image, logits, [click], [1], self.roi_size,
                                                self.amp_dtype)
-                click_rows.append(metrics.segmentation_metrics((refined > 0).cpu(), label.cpu(), spacing))
+                click_rows.append({"case_id": case_id,
+                                   **metrics.segmentation_metrics((refined > 0).cpu(), label.cpu(), spacing)})
             if log_images and not overlay_saved and click is not None:
                 self._save_overlay(epoch, batch, image, label, prediction)
                 overlay_saved = True
         self.model.train()
-        rows, click_rows, losses = self._gather(rows), self._gather(click_rows), self._gather(losses)
+        rows, click_rows = self._gather_cases(rows), self._gather_cases(click_rows)
         summary = metrics.summarize(rows)
         click_summary = metrics.summarize(click_rows) if click_rows else {}
         return {
-            "val_loss": float(sum(losses) / len(losses)) if losses else math.nan,
+            "val_loss": float(sum(r["loss"] for r in rows) / len(rows)) if rows else math.nan,
             "val_dice": summary["dice"],
             "val_dice_positive": summary["dice_positive"],
             "val_dice_1click": click_summary.get("dice", math.nan),
@@ -591,6 +628,31 @@ class Trainer:
         gathered: list[list[Any]] = [[] for _ in range(self.world_size)]
         dist.all_gather_object(gathered, values)
         return [v for part in gathered for v in part]
+
+    def _gather_cases(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """All ranks' per-scan rows, each ``case_id`` once: the validation DistributedSampler repeats a few scans
+        to even the shards when len(val) is not a multiple of the world size. Same order on every rank."""
+        unique: dict[str, dict[str, Any]] = {}
+        for row in self._gather(rows):
+            unique.setdefault(row["case_id"], row)
+        return list(unique.values())
+
+    def _all_ranks_true(self, flag: bool) -> bool:
+        """``flag`` AND-ed over the ranks (the flag itself with one process)."""
+        if self.world_size == 1:
+            return flag
+        tensor = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return bool(tensor.item())
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal arrived on any rank. torchrun forwards a signal to every worker, but not at the
+        same instant: a rank that stopped one step before the others would leave them waiting in an all-reduce."""
+        if self.world_size > 1:
+            tensor = torch.tensor([self._stop_signal or 0], dtype=torch.int32, device=self.device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            self._stop_signal = int(tensor.item()) or None
+        return self._stop_signal is not None
 
     def _all_reduce_mean(self, value: float) -> float:
         if self.world_size == 1 or math.isnan(value):
@@ -662,6 +724,9 @@ class Trainer:
         self.utils.restore_rng_state(state["rng_state"])
         self.prompt_generator.set_state(state["prompt_generator_state"])
         self._resumed_run_id = state.get("wandb_run_id")
+        if self.start_epoch >= self.config.train.epochs:
+            logger.warning("%s already completed %d epochs and --epochs is %d: nothing left to train (raise "
+                           "--epochs to continue)", path, self.start_epoch, self.config.train.epochs)
         logger.info("resumed from %s at epoch %d (micro-batch %d), best val Dice %.4f", path,
                     self.start_epoch + 1, self.progress.batches_done, self.early_stopping.best)
 
