@@ -65,6 +65,6 @@ def test_raw_ct_is_prepared_with_the_saved_preprocessing(trained_run, export):
     assert torch.isfinite(prepared).all()
     # z-scored inside the head, and the padding is air (the minimum), as in training crops.
     assert prepared.min() < -1 and prepared[0, 0, 0, 0, 0] == prepared.min()
-    big = np.full((200, 10, 10), 40.0, np.float32)
-    big[0, 0, 0] = -1000.0
+    big = np.random.default_rng(0).normal(40.0, 10.0, size=(200, 10, 10)).astype(np.float32)
+    big[0] = -1000.0  # a long, thin scan: cropped along axis 0, padded along the others
     assert blip2.prepare_encoder_input(big, (2.0, 2.0, 2.0), payload["preprocessing"]).shape == (1, 1, 64, 64, 64)
