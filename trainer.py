@@ -13,7 +13,7 @@ import logging
 import math
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -295,10 +295,12 @@ class Trainer:
         self.prompt_generator = torch.Generator().manual_seed(t.seed + 1)
 
         step_module: nn.Module = PromptedSegmentation(self.model)
-        self.ddp: nn.parallel.DistributedDataParallel | None = None
         if world_size > 1:
-            # Prompt-free rounds leave the point embeddings unused, hence find_unused_parameters.
-            step_module = self.ddp = nn.parallel.DistributedDataParallel(
+            # Prompt-free rounds leave the point embeddings unused, hence find_unused_parameters. Every
+            # micro-batch's backward all-reduces (no ``no_sync`` for accumulation): with no_sync, a group whose last
+            # micro-batch is skipped (non-finite loss) would step on unreduced, per-rank gradients and the ranks'
+            # weights would drift apart without any error.
+            step_module = nn.parallel.DistributedDataParallel(
                 step_module, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=True)
         if t.compile:
@@ -455,7 +457,7 @@ class Trainer:
             step_started = time.time()
             group_size = sizes[index // t.gradient_accumulation_steps]
             ends_group = (index + 1) % t.gradient_accumulation_steps == 0 or index + 1 == num_batches
-            loss = self._train_micro_batch(batch, group_size, sync=ends_group)
+            loss = self._train_micro_batch(batch, group_size)
             if loss is not None:
                 progress.loss_sum += loss
                 progress.loss_count += 1
@@ -481,21 +483,11 @@ class Trainer:
                 "data_wait_fraction": data_time / elapsed if elapsed > 0 else 0.0,
                 "nonfinite_skipped": progress.nonfinite_skipped, "oom_skipped": progress.oom_skipped}
 
-    def _train_micro_batch(self, batch: dict[str, Any], group_size: int, sync: bool = True) -> float | None:
-        """Forward and backward of one micro-batch; returns its loss, or None when the batch was skipped.
-
-        ``sync=False`` (a micro-batch that does not end its accumulation group) skips DDP's gradient all-reduce:
-        the gradients accumulate locally and are averaged once, in the group's last backward.
-        """
+    def _train_micro_batch(self, batch: dict[str, Any], group_size: int) -> float | None:
+        """Forward and backward of one micro-batch; returns its loss, or None when the batch was skipped."""
         images = batch["image"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
         rounds = self._choose_click_rounds()
-        # no_sync must cover the forward too: DDP decides in forward whether the coming backward reduces.
-        with (self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()):
-            return self._forward_backward(batch, images, labels, rounds, group_size)
-
-    def _forward_backward(self, batch: dict[str, Any], images: torch.Tensor, labels: torch.Tensor, rounds: int,
-                          group_size: int) -> float | None:
         try:
             with autocast_context(self.device, self.amp_dtype):
                 out = self.step_module(images, labels, rounds, self.prompt_generator)
@@ -603,8 +595,12 @@ class Trainer:
         click_summary = metrics.summarize(click_rows) if click_rows else {}
         return {
             "val_loss": float(sum(r["loss"] for r in rows) / len(rows)) if rows else math.nan,
-            "val_dice": summary["dice"],
-            "val_dice_positive": summary["dice_positive"],
+            # The headline Dice is over ICH-positive scans: with the 1-or-0 convention on empty scans, an all-empty
+            # model scores the negative-scan fraction on all scans and was picked as "best" on small cohorts.
+            # Negatives are judged by specificity; the all-scan figure is kept as val_dice_all.
+            "val_dice": summary["dice_positive"] if summary["dice_positive"] == summary["dice_positive"]
+            else summary["dice"],
+            "val_dice_all": summary["dice"],
             "val_dice_1click": click_summary.get("dice", math.nan),
             "val_hd95_mm": summary["hd95_mm"],
             "val_volume_abs_error_ml": summary["volume_abs_error_ml"],
