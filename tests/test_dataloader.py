@@ -638,6 +638,26 @@ def test_training_randomness_depends_only_on_seed_and_epoch(cohort_dir):
     assert _fingerprint(other_0) != _fingerprint(first_0)
 
 
+def test_device_side_augmentation_gives_the_same_batches(cohort_dir):
+    # The GPU path (ThreadDataLoader, crops moved to the device before augmenting) exercised on the CPU device:
+    # same crops, same augmentation draws, same batches as the worker-process path.
+    data_config = config(cohort_dir, augmentation_prob=1.0)
+    cohort = D.validate_cohort(data_config)
+    on_host, _ = D.build_dataloaders(data_config, cohort, 16, 2, torch.device("cpu"), seed=5)
+    on_device, _ = D.build_dataloaders(data_config, cohort, 16, 2, torch.device("cpu"), seed=5,
+                                       augment_on_device=True)
+    assert isinstance(on_device, D.ThreadDataLoader) and on_device.num_workers == 0
+    assert not isinstance(on_host, D.ThreadDataLoader)
+    for epoch in (0, 1):
+        D.set_epoch(on_host, epoch)
+        D.set_epoch(on_device, epoch)
+        host_batches, device_batches = list(on_host), list(on_device)
+        assert _fingerprint(host_batches) == _fingerprint(device_batches)
+        for a, b in zip(host_batches, device_batches):
+            torch.testing.assert_close(a["image"], b["image"])
+            assert torch.equal(a["label"], b["label"])
+
+
 def test_forgetting_set_epoch_is_warned(cohort_dir, caplog):
     data_config = config(cohort_dir)
     train, _ = D.build_dataloaders(data_config, D.validate_cohort(data_config), 16, 2, torch.device("cpu"), seed=0)
