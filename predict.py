@@ -188,12 +188,13 @@ class Predictor:
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise PredictionError(f"--checkpoint {path}: file not found")
+    from model import CheckpointError
+    from modeling.checkpoint import read_checkpoint
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a non-checkpoint file; re-raised with the name
-        raise PredictionError(f"--checkpoint {path}: not a readable PyTorch checkpoint ({error})") from error
+        state = read_checkpoint(path)
+    except CheckpointError as error:  # names the file; nothing in it was executed
+        raise PredictionError(f"--checkpoint {error}") from error
     if not isinstance(state, dict) or "model_state_dict" not in state or "config" not in state:
         raise PredictionError(f"--checkpoint {path}: not a checkpoint written by train.py (expected the keys "
                               "model_state_dict and config; use best_model.pth or latest_model.pth)")

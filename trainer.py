@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 import metrics
+import utils
 from config import Config
 from inference import autocast_context, click_refined_logits, interior_point, sliding_window_logits
 
@@ -266,9 +267,6 @@ class Trainer:
                  device: torch.device, tracker: Any, output_dir: Path, *, rank: int = 0, world_size: int = 1,
                  set_loader_epoch: Callable[[Any, int], None] | None = None,
                  extra_summary: dict[str, Any] | None = None):
-        import utils  # local: utils pulls in matplotlib/psutil, which the pure helpers above do not need
-
-        self.utils = utils
         self.config = config
         self.model = model.to(device)
         self.device = device
@@ -376,17 +374,17 @@ class Trainer:
                 self.export_encoder(self.output_dir / ENCODER_NAME, epoch, val_stats["val_dice"])
             if self.config.train.save_every and (epoch + 1) % self.config.train.save_every == 0:
                 self.save_checkpoint(self.output_dir / f"checkpoint_epoch_{epoch + 1:04d}.pth")
-                self.utils.cleanup_checkpoints(self.output_dir, self.config.train.keep_checkpoints)
+                utils.cleanup_checkpoints(self.output_dir, self.config.train.keep_checkpoints)
             self.metrics_csv.append(record)
-            self.utils.plot_learning_curves(self.history, self.output_dir / "learning_curves.png")
+            utils.plot_learning_curves(self.history, self.output_dir / "learning_curves.png")
             self.tracker.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=epoch + 1)
         self.eta.update(record["epoch_time_s"])
         remaining = self.eta.eta_seconds(self.config.train.epochs - epoch - 1)
         logger.info("epoch %d/%d  loss %.4f  val Dice %s (1-click %s)  lr %.2e  %s (data wait %.0f%%)  ETA %s%s",
                     epoch + 1, self.config.train.epochs, train_stats["train_loss"],
                     _fmt(val_stats.get("val_dice")), _fmt(val_stats.get("val_dice_1click")), self._current_lr(),
-                    self.utils.format_duration(record["epoch_time_s"]),
-                    100 * train_stats.get("data_wait_fraction", 0.0), self.utils.format_duration(remaining),
+                    utils.format_duration(record["epoch_time_s"]),
+                    100 * train_stats.get("data_wait_fraction", 0.0), utils.format_duration(remaining),
                     "  (new best)" if improved else "")
 
     def on_fit_end(self) -> dict[str, Any]:
@@ -407,10 +405,10 @@ class Trainer:
                                    if self.history else None),
             "peak_memory": {key: max((h.get(key) or 0.0) for h in self.history) if self.history else None
                             for key in ("peak_rss_gb", "peak_gpu_allocated_gb", "peak_gpu_reserved_gb")},
-            "system": self.utils.collect_system_info(self.device),
+            "system": utils.collect_system_info(self.device),
         }
         if self.is_main:
-            path = self.utils.write_training_summary(self.output_dir, summary)
+            path = utils.write_training_summary(self.output_dir, summary)
             summary["summary_path"] = str(path)
         self.tracker.finish()
         return summary
@@ -613,7 +611,7 @@ class Trainer:
         case = batch.get("case_id", ["case"])[0]
         path = self.output_dir / "images" / f"epoch{epoch + 1:04d}_{case}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.utils.save_overlay_png(image[0, 0].float().cpu().numpy(), label[0, 0].cpu().numpy(),
+        utils.save_overlay_png(image[0, 0].float().cpu().numpy(), label[0, 0].cpu().numpy(),
                                     prediction[0, 0].cpu().numpy(), path, f"epoch {epoch + 1}: {case}")
         self.tracker.log_image("val/overlay", path, step=epoch + 1)
 
@@ -672,14 +670,14 @@ class Trainer:
             "best_metric": self.early_stopping.best,
             "early_stopping": self.early_stopping.state_dict(),
             "history": self.history,
-            "rng_state": self.utils.capture_rng_state(),
+            "rng_state": utils.capture_rng_state(),
             "prompt_generator_state": self.prompt_generator.get_state(),
             "wandb_run_id": self.tracker.run_id,
             "config": self.config.to_dict(),
         }
 
     def save_checkpoint(self, path: Path) -> None:
-        self.utils.atomic_torch_save(self.checkpoint_state(), path)
+        utils.atomic_torch_save(self.checkpoint_state(), path)
 
     def export_encoder(self, path: Path, epoch: int, val_dice: float) -> None:
         """Write sam_encoder.pth: the encoder and representation head for the BLIP-2 path (see model.py)."""
@@ -690,7 +688,7 @@ class Trainer:
         payload["preprocessing"] = {"hu_window": list(d.hu_window), "normalization": d.normalization,
                                     "target_spacing": list(d.target_spacing), "input_size": self.roi_size}
         payload["provenance"] = {"epoch": epoch + 1, "val_dice": val_dice, "config": self.config.to_dict()}
-        self.utils.atomic_torch_save(payload, path)
+        utils.atomic_torch_save(payload, path)
 
     def _resume(self, resume: str) -> None:
         path = self.output_dir / LATEST_NAME if resume == "auto" else Path(resume)
@@ -717,7 +715,7 @@ class Trainer:
         self.early_stopping.load_state_dict(state["early_stopping"])
         self.early_stopping.patience = self.config.train.patience
         self.history = list(state["history"])
-        self.utils.restore_rng_state(state["rng_state"])
+        utils.restore_rng_state(state["rng_state"])
         self.prompt_generator.set_state(state["prompt_generator_state"])
         self._resumed_run_id = state.get("wandb_run_id")
         if self.start_epoch >= self.config.train.epochs:

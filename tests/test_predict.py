@@ -118,7 +118,7 @@ def test_wrong_checkpoints_are_refused_by_name(trained_run, tmp_path, caplog):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"\x00not a checkpoint")
     assert predict.main(["--checkpoint", str(garbage), "--input", scan, "--output_dir", str(tmp_path)]) == 1
-    assert "garbage.pth" in caplog.text and "not a readable PyTorch checkpoint" in caplog.text
+    assert "garbage.pth" in caplog.text and "PyTorch checkpoint" in caplog.text and "Nothing in it was executed" in caplog.text
 
     encoder_only = trained_run["output_dir"] / "sam_encoder.pth"
     assert predict.main(["--checkpoint", str(encoder_only), "--input", scan, "--output_dir", str(tmp_path)]) == 1
