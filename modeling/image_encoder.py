@@ -96,7 +96,7 @@ def _padded_key_log_mass(t_d: torch.Tensor, t_h: torch.Tensor, t_w: torch.Tensor
     lse = torch.logsumexp
     h_all, w_all = lse(t_h, dim=4), lse(t_w, dim=4)            # B h i j k
     h_real, h_pad = lse(t_h[:, :, :, :, :g], dim=4), lse(t_h[:, :, :, :, g:], dim=4)
-    w_real, w_pad = lse(t_w[:, :, :, :, :g], dim=4), lse(t_w[:, :, :, :, g:], dim=4)
+    w_pad = lse(t_w[:, :, :, :, g:], dim=4)
     inner = torch.logaddexp(h_pad + w_all, h_real + w_pad)[..., :g]
     outer = (h_all + w_all)[..., g:]
     log_pairs = torch.cat([inner, outer], dim=-1)               # B h i j k
