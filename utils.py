@@ -857,16 +857,15 @@ def _as_volume(name: str, array: Any, shape: tuple[int, ...] | None) -> np.ndarr
 
 def select_overlay_slices(label: np.ndarray | None, prediction: np.ndarray | None, axis: int,
                           num_slices: int, size: int) -> list[int]:
-    """Indices along ``axis`` with the most foreground (label or prediction), in increasing order.
-
-    With no foreground at all, the middle slice.
+    """Indices along ``axis`` with the most blood, in increasing order: ranked by the ground truth when it has
+    any (so a poor prediction that floods whole slices cannot push the hemorrhage out of the picture), else by
+    the prediction. With no foreground at all, the middle slice.
     """
-    masks = [m > 0.5 for m in (label, prediction) if m is not None]
+    masks = [m > 0.5 for m in (label, prediction) if m is not None and (m > 0.5).any()]
     if not masks:
         return [size // 2]
-    union = np.logical_or.reduce(masks) if len(masks) > 1 else masks[0]
     other_axes = tuple(a for a in range(3) if a != axis)
-    counts = union.sum(axis=other_axes)
+    counts = masks[0].sum(axis=other_axes)
     if not counts.any():
         return [size // 2]
     # Most blood first; among equal counts the lower index, so the choice is deterministic.

@@ -177,11 +177,17 @@ def test_killed_run_resumes_to_the_same_result(small_cohort, tmp_path, monkeypat
 
 def test_summary_json_and_wandb_offline_run_resumes(small_cohort, tmp_path):
     out = tmp_path / "run"
-    assert train.main(cli_args(small_cohort, out, "--epochs", "1", "--use_wandb")) == 0
+    snapshots = ("--save_every", "1", "--keep_checkpoints", "1")
+    assert train.main(cli_args(small_cohort, out, "--epochs", "1", "--use_wandb", *snapshots)) == 0
+    assert [p.name for p in out.glob("checkpoint_epoch_*.pth")] == ["checkpoint_epoch_0001.pth"]
     first = final_weights(out)
     run_id = first["wandb_run_id"]
     assert run_id and list((out / "wandb").glob(f"offline-run-*-{run_id}*"))
-    assert train.main(cli_args(small_cohort, out, "--epochs", "2", "--use_wandb", "--resume", "auto")) == 0
+    assert train.main(cli_args(small_cohort, out, "--epochs", "2", "--use_wandb", "--resume", "auto",
+                               *snapshots)) == 0
+    # --keep_checkpoints 1: only the newest epoch snapshot is left; latest and best are never removed.
+    assert [p.name for p in out.glob("checkpoint_epoch_*.pth")] == ["checkpoint_epoch_0002.pth"]
+    assert (out / "latest_model.pth").is_file() and (out / "best_model.pth").is_file()
     assert final_weights(out)["wandb_run_id"] == run_id
     assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}*"))) >= 2
 

@@ -481,7 +481,9 @@ def test_select_overlay_slices_prefers_most_blood():
     label[2:6, 2:6, 4] = 1  # 16 voxels
     label[3:5, 3:5, 7] = 1  # 4 voxels
     pred[1:7, 1:7, 2] = 1  # 36 voxels
-    assert utils.select_overlay_slices(label, pred, axis=2, num_slices=2, size=10) == [2, 4]
+    # The ground truth decides where blood is shown; the prediction only when there is no ground truth blood.
+    assert utils.select_overlay_slices(label, pred, axis=2, num_slices=2, size=10) == [4, 7]
+    assert utils.select_overlay_slices(np.zeros_like(label), pred, axis=2, num_slices=2, size=10) == [2]
     assert utils.select_overlay_slices(label, None, axis=2, num_slices=5, size=10) == [4, 7]
     assert utils.select_overlay_slices(np.zeros_like(label), None, axis=2, num_slices=3, size=10) == [5]
     assert utils.select_overlay_slices(None, None, axis=0, num_slices=3, size=8) == [4]
