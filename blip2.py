@@ -48,7 +48,7 @@ def prepare_encoder_input(volume: np.ndarray, spacing: Sequence[float], preproce
     return prepared.contiguous()
 
 
-def check_encoder_export(encoder_path: Path, best_path: Path, img_size: int) -> str:
+def check_encoder_export(encoder_path: Path, best_path: Path) -> str:
     """The encoder rebuilt from sam_encoder.pth alone gives bit-identical tokens to the trained model's encoder.
 
     Returns a short description; raises AssertionError on a mismatch.
@@ -62,7 +62,8 @@ def check_encoder_export(encoder_path: Path, best_path: Path, img_size: int) -> 
     trained.load_state_dict(state["model_state_dict"], strict=True)
     trained.eval()
     encoder = load_sam_encoder(encoder_path)
-    volume = torch.randn(1, 1, img_size, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    size = int(encoder.config["img_size"])
+    volume = torch.randn(1, 1, size, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = trained.encode(volume).flatten(2).transpose(1, 2)
         tokens = encoder(volume)
@@ -71,7 +72,7 @@ def check_encoder_export(encoder_path: Path, best_path: Path, img_size: int) -> 
     return f"tokens {tuple(tokens.shape)} bit-identical, num_features={encoder.num_features}"
 
 
-def check_qformer(encoder_path: Path, img_size: int) -> str:
+def check_qformer(encoder_path: Path) -> str:
     """Feed the exported encoder's tokens into a tiny real BLIP-2 Q-Former; gradients must reach the encoder."""
     from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
@@ -85,7 +86,8 @@ def check_qformer(encoder_path: Path, img_size: int) -> str:
     qformer = Blip2QFormerModel(qformer_config)
     generator = torch.Generator().manual_seed(0)
     queries = torch.randn(2, 8, qformer_config.hidden_size, generator=generator)
-    volume = torch.randn(2, 1, img_size, img_size, img_size, generator=generator)
+    size = int(encoder.config["img_size"])
+    volume = torch.randn(2, 1, size, size, size, generator=generator)
     tokens = encoder(volume)
     attention = torch.ones(tokens.shape[:2], dtype=torch.long)
     output = qformer(query_embeds=queries, encoder_hidden_states=tokens, encoder_attention_mask=attention)

@@ -212,7 +212,7 @@ def largest_component_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
 
 
 def scan_geometry(path: Path, meta: dict[str, Any], shape: Sequence[int], mask_path: Path | None,
-                  fallback_spacing: Sequence[float]) -> tuple[tuple[float, float, float], np.ndarray, str]:
+                  fallback_spacing: Sequence[float]) -> tuple[tuple[float, float, float], np.ndarray]:
     """Voxel spacing and affine of a raw scan, in the order the training data used: the file's own metadata,
     else its mask's NIfTI header (reordered when the mask is stored with permuted axes), else the fallback
     ``--spacing`` saved in the training config."""
@@ -220,24 +220,23 @@ def scan_geometry(path: Path, meta: dict[str, Any], shape: Sequence[int], mask_p
 
     from dataloader import mask_header_spacing, matching_axes
 
-    spacing, affine, source = meta.get("spacing"), meta.get("affine"), "image"
+    spacing, affine = meta.get("spacing"), meta.get("affine")
     if spacing is None and mask_path is not None:
         header_spacing = mask_header_spacing(mask_path)
-        axes = matching_axes(shape, nib.load(str(mask_path)).shape[:3])
+        mask_header = nib.load(str(mask_path))  # header only: nibabel reads voxel data lazily
+        axes = matching_axes(shape, mask_header.shape[:3])
         if header_spacing is not None and axes is not None:
             spacing = tuple(header_spacing[a] for a in axes)
-            source = "mask header"
             if affine is None and axes == (0, 1, 2):
-                affine = nib.load(str(mask_path)).affine
+                affine = mask_header.affine
     if spacing is None:
         spacing = tuple(fallback_spacing)
-        source = "fallback --spacing of the training config"
         logger.warning("%s: no spacing in the file or a mask header; using the training fallback %s mm", path,
                        spacing)
     spacing = tuple(float(s) for s in spacing)
     if affine is None:
         affine = np.diag([*spacing, 1.0])
-    return spacing, np.asarray(affine, dtype=float), source
+    return spacing, np.asarray(affine, dtype=float)
 
 
 def run(config: PredictConfig) -> int:
@@ -269,7 +268,7 @@ def run(config: PredictConfig) -> int:
         try:
             image, meta = load_image_file(scan.path)
             mask_path = find_mask(scan.path, Path(config.mask_dir)) if config.mask_dir else None
-            spacing, affine, _ = scan_geometry(scan.path, meta, image.shape, mask_path,
+            spacing, affine = scan_geometry(scan.path, meta, image.shape, mask_path,
                                                predictor.config.data.spacing)
             probabilities = predictor.segment(image, spacing, points, point_labels)
         except (OSError, ValueError, RuntimeError) as error:

@@ -83,14 +83,14 @@ def run_self_test(base: Config) -> int:
                                                      f"-> best {best:.3f} (needs >= {SELFTEST_MIN_DICE})"))
             _run_check(checks, "output files", lambda: _check_files(output_dir))
             _run_check(checks, "encoder export", lambda: blip2.check_encoder_export(
-                output_dir / "sam_encoder.pth", output_dir / "best_model.pth", 64))
+                output_dir / "sam_encoder.pth", output_dir / "best_model.pth"))
             try:
                 import transformers  # noqa: F401  (optional: a test-only dependency)
             except ImportError:
                 checks.append(Check("BLIP-2 Q-Former", True, "skipped: transformers not installed"))
             else:
                 _run_check(checks, "BLIP-2 Q-Former",
-                           lambda: blip2.check_qformer(output_dir / "sam_encoder.pth", 64))
+                           lambda: blip2.check_qformer(output_dir / "sam_encoder.pth"))
             resume_config, _ = build_config(selftest_argv(cohort, output_dir, base, SELFTEST_EPOCHS + 1)
                                             + ["--resume", "auto"])
             resume_code, resumed = run_training(resume_config)

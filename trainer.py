@@ -596,8 +596,7 @@ class Trainer:
             # The headline Dice is over ICH-positive scans: with the 1-or-0 convention on empty scans, an all-empty
             # model scores the negative-scan fraction on all scans and was picked as "best" on small cohorts.
             # Negatives are judged by specificity; the all-scan figure is kept as val_dice_all.
-            "val_dice": summary["dice_positive"] if summary["dice_positive"] == summary["dice_positive"]
-            else summary["dice"],
+            "val_dice": summary["dice"] if math.isnan(summary["dice_positive"]) else summary["dice_positive"],
             "val_dice_all": summary["dice"],
             "val_dice_1click": click_summary.get("dice", math.nan),
             "val_hd95_mm": summary["hd95_mm"],

@@ -106,8 +106,8 @@ def test_clicks_refine_and_outside_clicks_are_rejected(trained_run, tmp_path, ca
     checkpoint = str(trained_run["output_dir"] / "best_model.pth")
     assert predict.main(["--checkpoint", checkpoint, "--input", row["path"], "--points", click,
                          "--output_dir", str(tmp_path / "click")]) == 0
-    assert (tmp_path / "click" / predict.file_stem(predict.Path(row["path"]))).with_suffix(".nii.gz").exists() or \
-        list((tmp_path / "click").glob("*.nii.gz"))
+    written = nib.load(str(tmp_path / "click" / f"{predict.file_stem(predict.Path(row['path']))}.nii.gz"))
+    assert written.shape == image.shape
     assert predict.main(["--checkpoint", checkpoint, "--input", row["path"], "--points", "9999,1,1",
                          "--output_dir", str(tmp_path / "bad")]) == 1
     assert "outside the volume" in caplog.text

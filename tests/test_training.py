@@ -200,8 +200,10 @@ def test_summary_json_and_wandb_offline_run_resumes(small_cohort, tmp_path):
     assert summary["epochs_completed"] == 2 and len(summary["history"]) == 2
     assert summary["stop_reason"] == "max_epochs"
     assert summary["config"]["train"]["epochs"] == 2
-    assert summary["dataset_stats"]["scans"]["all"] if isinstance(summary["dataset_stats"].get("scans"), dict) \
-        else summary["dataset_stats"]
+    assert summary["dataset_stats"]["n_scans"] == 8
+    assert summary["dataset_stats"]["splits"]["train"]["scans"] == 6
+    assert summary["best_epoch"] in (1, 2) and summary["best_metrics"]["epoch"] == summary["best_epoch"]
+    assert 0 <= summary["data_wait_fraction"] <= 1
     assert summary["peak_memory"]["peak_rss_gb"] > 0
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 3 and rows[0].startswith("epoch,")
