@@ -54,9 +54,10 @@ def check_encoder_export(encoder_path: Path, best_path: Path) -> str:
     Returns a short description; raises AssertionError on a mismatch.
     """
     from model import build_model, load_sam_encoder
+    from modeling.checkpoint import read_checkpoint
 
-    state = torch.load(best_path, map_location="cpu", weights_only=True)
-    export = torch.load(encoder_path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(best_path)
+    export = read_checkpoint(encoder_path)
     saved_model = Config.from_dict(state["config"]).model
     trained = build_model(dataclasses.replace(saved_model, pretrained_checkpoint=None))
     trained.load_state_dict(state["model_state_dict"], strict=True)

@@ -27,7 +27,6 @@ import math
 import os
 import pickle
 import re
-import threading
 import time
 import zipfile
 import zlib
@@ -64,6 +63,7 @@ from monai.transforms.utils import correct_crop_centers
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from config import DataConfig
+from utils import atomic_write_bytes, usable_cpu_count
 
 logger = logging.getLogger(__name__)
 
@@ -904,13 +904,7 @@ def _listing(items: Sequence[str]) -> str:
 
 def _io_threads(n_items: int) -> int:
     """Threads for reading volumes: file reads, gzip and most numpy work release the GIL."""
-    return max(1, min(8, _available_cpus(), n_items))
-
-
-def _available_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    return max(1, min(8, usable_cpu_count(), n_items))
 
 
 def validate_cohort(data_config: DataConfig) -> Cohort:
@@ -1049,12 +1043,12 @@ class LoadPreprocessd(Transform):
         return image, np.ascontiguousarray(label, dtype=np.uint8)
 
     def _write_entry(self, entry: Path, image: np.ndarray, label: np.ndarray) -> None:
+        # The project's atomic write (unique temporary file, fsync, rename): concurrent writers of the same entry
+        # cannot corrupt it and a crash leaves no half-written file under the final name.
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        # Unique temporary name per process and thread, then an atomic rename: concurrent writers of the same
-        # entry cannot corrupt it and a crash leaves no half-written file under the final name.
-        temporary = entry.with_name(f".{entry.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npz")
-        np.savez(temporary, image=image, label=label)
-        os.replace(temporary, entry)
+        buffer = io.BytesIO()
+        np.savez(buffer, image=image, label=label)
+        atomic_write_bytes(entry, buffer.getvalue())
 
 
 class PadToRoid(MapTransform):
@@ -1092,11 +1086,12 @@ class RandHemorrhageCropd(Randomizable, MapTransform):
 
     def _center(self, image: np.ndarray, label: np.ndarray) -> tuple[int, ...]:
         spatial = label.shape[1:]
-        blood = np.flatnonzero(label[0])
-        if blood.size > 0 and self.R.random_sample() < self.pos_fraction:
-            pool = blood
+        # Only the branch taken scans the volume for candidate voxels (this runs for every crop of every epoch).
+        if label.any() and self.R.random_sample() < self.pos_fraction:
+            pool = np.flatnonzero(label[0])
         else:
-            pool = np.flatnonzero(image[0] > image.min() + 1e-3 * (image.max() - image.min()))
+            low, high = float(image.min()), float(image.max())
+            pool = np.flatnonzero(image[0] > low + 1e-3 * (high - low))
             if pool.size == 0:  # no head found (cannot happen after validation): any voxel
                 pool = np.arange(int(np.prod(spatial)))
         center = [int(c) for c in np.unravel_index(pool[self.R.randint(pool.size)], spatial)]
@@ -1189,34 +1184,28 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class EpochSampler(Sampler):
     """Yields ``(index, epoch)`` so every sample's randomness can be derived from (seed, epoch, index) in whatever
     worker process loads it. The order comes from the wrapped DistributedSampler (``build_dataloaders`` always
-    wraps one, with world size 1 for a single process, so single- and multi-process runs share one permutation);
-    without one it is a permutation seeded by (seed, epoch). Call ``set_epoch`` before each epoch."""
+    wraps one, with world size 1 for a single process, so single- and multi-process runs share one permutation).
+    Call ``set_epoch`` before each epoch."""
 
-    def __init__(self, n_items: int, seed: int, inner: DistributedSampler | None = None):
-        self.n_items, self.seed, self.inner = n_items, seed, inner
+    def __init__(self, inner: DistributedSampler):
+        self.inner = inner
         self.epoch = 0
         self._iterated: set[int] = set()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-        if self.inner is not None:
-            self.inner.set_epoch(self.epoch)
+        self.inner.set_epoch(self.epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.epoch in self._iterated:
             logger.warning("training sampler iterated twice for epoch %d: call set_epoch(train_loader, epoch) at "
                            "the start of every epoch, or every epoch repeats the same crops", self.epoch)
         self._iterated.add(self.epoch)
-        if self.inner is not None:
-            order = list(self.inner)
-        else:
-            generator = torch.Generator().manual_seed(_derived_seed(self.seed, 0, self.epoch))
-            order = torch.randperm(self.n_items, generator=generator).tolist()
         epoch = self.epoch
-        return iter([(index, epoch) for index in order])
+        return iter([(index, epoch) for index in self.inner])
 
     def __len__(self) -> int:
-        return len(self.inner) if self.inner is not None else self.n_items
+        return len(self.inner)
 
 
 class StageDataset(torch.utils.data.Dataset):
@@ -1254,12 +1243,12 @@ def choose_num_workers(data_config: DataConfig, device: torch.device, largest_vo
     process (at most 8), limited so each worker can have ~0.5 GiB + 4 preprocessed volumes of the available RAM."""
     if data_config.num_workers is not None:
         return int(data_config.num_workers)
-    by_cpu = max(0, _available_cpus() - 1)
+    by_cpu = max(0, usable_cpu_count() - 1)
     per_worker = 512 * 2**20 + 4 * largest_volume_bytes
     by_memory = int(0.5 * psutil.virtual_memory().available // per_worker)
     workers = max(0, min(8, by_cpu, by_memory))
     logger.info("using %d DataLoader worker(s) (%d CPU cores, %.1f GiB RAM available, device %s)", workers,
-                _available_cpus(), psutil.virtual_memory().available / 2**30, device)
+                usable_cpu_count(), psutil.virtual_memory().available / 2**30, device)
     return workers
 
 
@@ -1342,7 +1331,7 @@ def build_dataloaders(data_config: DataConfig, cohort: Cohort, roi_size: int, ba
             in_memory = False
 
     started = time.perf_counter()
-    threads = max(1, workers, min(_available_cpus(), 4))
+    threads = max(1, workers, min(usable_cpu_count(), 4))
     train_base = _base_dataset(train_items, transforms.deterministic, in_memory, threads)
     val_base = _base_dataset(val_items, transforms.deterministic, in_memory, threads)
     if in_memory:
@@ -1356,7 +1345,7 @@ def build_dataloaders(data_config: DataConfig, cohort: Cohort, roi_size: int, ba
     # same crops) as step k of a single process whose batch is world_size times larger.
     inner = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                drop_last=False)
-    sampler = EpochSampler(len(train_set), seed, inner)
+    sampler = EpochSampler(inner)
     if augment_on_device:
         # Batches are born on the device: no pinning, no worker processes; one thread overlaps loading with compute.
         train_loader = ThreadDataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=False,

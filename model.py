@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from modeling.checkpoint import (CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, as_state_dict,
-                                 diff_state_dicts, read_checkpoint, strip_wrapper_prefixes, unwrap_model)
+                                 diff_state_dicts, first_error_line, read_checkpoint, strip_wrapper_prefixes, unwrap_model)
 from modeling.export import (EXPORT_FORMAT_VERSION, SamVisualEncoder, export_encoder, load_representation_head,
                              load_sam_encoder)
 from modeling.image_encoder import ImageEncoderViT3D
@@ -221,10 +221,9 @@ def _resolve_hub_file(alias: str, hub: HubFile) -> Path:
     try:
         return Path(huggingface_hub.hf_hub_download(hub.repo_id, hub.filename, etag_timeout=HUB_TIMEOUT_S))
     except OSError as err:  # huggingface_hub's connection, HTTP and not-found errors all derive from OSError
-        first_line = (str(err).strip().splitlines() or ["no details"])[0][:300]
         raise CheckpointUnavailableError(
             f"cannot fetch pretrained checkpoint '{alias}' from the Hugging Face Hub ({type(err).__name__}: "
-            f"{first_line}). {advice}") from err
+            f"{first_error_line(err)}). {advice}") from err
 
 
 def _extract_state_dict(content: Any, path: Path) -> tuple[dict[str, torch.Tensor], str]:

@@ -49,7 +49,7 @@ def run_training(config, config_warnings: Sequence[str] = ()) -> tuple[int, dict
     import tracking
     import utils
     from config import replace_section
-    from model import build_model
+    from model import CheckpointError, build_model
     from trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
     rank, world_size, device = init_distributed(config.train.device)
@@ -103,7 +103,8 @@ def run_training(config, config_warnings: Sequence[str] = ()) -> tuple[int, dict
         except TrainingInterrupted as interrupted:
             logger.warning("%s", interrupted)
             return EXIT_INTERRUPTED, None
-        except NonFiniteLossError as error:
+        except (NonFiniteLossError, CheckpointError, FileNotFoundError) as error:
+            # Diverged training, or a --resume file that is missing, corrupt or from another architecture.
             logger.error("%s", error)
             return EXIT_FAILED, None
         logger.info("done: best val Dice %s at epoch %s (%s); outputs in %s", summary["best_val_dice"],

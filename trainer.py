@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 import metrics
+import tracking
 import utils
 from config import Config
 from inference import autocast_context, click_refined_logits, interior_point, sliding_window_logits
@@ -264,7 +265,8 @@ class Trainer:
     """
 
     def __init__(self, config: Config, model: nn.Module, train_loader: Any, val_loader: Any,
-                 device: torch.device, tracker: Any, output_dir: Path, *, rank: int = 0, world_size: int = 1,
+                 device: torch.device, tracker: tracking.Tracker, output_dir: Path, *, rank: int = 0,
+                 world_size: int = 1,
                  set_loader_epoch: Callable[[Any, int], None] | None = None,
                  extra_summary: dict[str, Any] | None = None):
         self.config = config
@@ -696,7 +698,9 @@ class Trainer:
                 logger.info("--resume auto: no %s yet, starting fresh", path)
                 return
             raise FileNotFoundError(f"--resume {path}: checkpoint not found")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from modeling.checkpoint import read_checkpoint  # names the file on any unreadable or unsafe content
+
+        state = read_checkpoint(path)
         missing = [k for k in ("model_state_dict", "optimizer_state_dict", "epoch", "config") if k not in state]
         if missing:
             raise ValueError(f"{path} is not a training checkpoint of this project (missing {', '.join(missing)})")

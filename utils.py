@@ -239,10 +239,11 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def _usable_cpu_count() -> int | None:
+def usable_cpu_count() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one), at least 1."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
-    return os.cpu_count()
+    return os.cpu_count() or 1
 
 
 def collect_system_info(device: torch.device) -> dict[str, Any]:
@@ -263,7 +264,7 @@ def collect_system_info(device: torch.device) -> dict[str, Any]:
         "gpu_total_gb": None,
         "gpu_free_gb": None,
         "cpu_count": os.cpu_count(),
-        "cpu_usable": _usable_cpu_count(),
+        "cpu_usable": usable_cpu_count(),
         "ram_total_gb": round(memory.total / GB, 2),
         "ram_available_gb": round(memory.available / GB, 2),
     }

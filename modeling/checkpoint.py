@@ -99,10 +99,10 @@ def read_checkpoint(path: str | Path) -> Any:
     # already guaranteed that no code ran, so every such failure means the same thing to the user.
     except Exception as err:  # noqa: BLE001 - re-raised with the file name, never swallowed
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
-                              f"{_first_line(err)})") from err
+                              f"{first_error_line(err)})") from err
 
 
-def _first_line(err: BaseException) -> str:
+def first_error_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:300] if text else "no details"
 

@@ -683,10 +683,22 @@ def test_distributed_shards(cohort_dir):
         D.build_dataloaders(data_config, cohort, 16, 1, torch.device("cpu"), seed=0, rank=2, world_size=2)
 
 
-def test_worker_count_is_automatic_or_explicit():
-    auto = D.choose_num_workers(DataConfig(), torch.device("cpu"), largest_volume_bytes=10 * 2**20)
-    assert 0 <= auto <= min(8, max(0, (os.cpu_count() or 1) - 1))
-    assert D.choose_num_workers(DataConfig(num_workers=3), torch.device("cpu")) == 3
+def test_worker_count_is_automatic_or_explicit(monkeypatch):
+    class Memory:
+        available = 16 * 2**30
+
+    monkeypatch.setattr(D, "usable_cpu_count", lambda: 6)
+    monkeypatch.setattr(D.psutil, "virtual_memory", lambda: Memory())
+    cpu = torch.device("cpu")
+    # One core stays with the training process: 5 workers; at most 8 however many cores there are.
+    assert D.choose_num_workers(DataConfig(), cpu, largest_volume_bytes=10 * 2**20) == 5
+    monkeypatch.setattr(D, "usable_cpu_count", lambda: 64)
+    assert D.choose_num_workers(DataConfig(), cpu, largest_volume_bytes=10 * 2**20) == 8
+    # Memory bounds it too: half of 16 GiB over (0.5 GiB + 4 volumes of 1 GiB) per worker = 1 worker.
+    assert D.choose_num_workers(DataConfig(), cpu, largest_volume_bytes=2**30) == 1
+    Memory.available = 2**30
+    assert D.choose_num_workers(DataConfig(), cpu, largest_volume_bytes=2**30) == 0
+    assert D.choose_num_workers(DataConfig(num_workers=3), cpu) == 3
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -209,6 +209,14 @@ def test_summary_json_and_wandb_offline_run_resumes(small_cohort, tmp_path):
     assert len(rows) == 3 and rows[0].startswith("epoch,")
 
 
+def test_corrupt_resume_checkpoint_exits_1_naming_the_file(small_cohort, tmp_path, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LATEST_NAME).write_bytes(b"half-written garbage")
+    assert train.main(cli_args(small_cohort, out, "--epochs", "1", "--resume", "auto")) == 1
+    assert LATEST_NAME in caplog.text and "not a readable PyTorch checkpoint" in caplog.text
+
+
 def test_bad_cohort_exits_1_naming_the_file(tmp_path, caplog):
     csv = tmp_path / "train.csv"
     csv.write_text("path,ich,patient_id\nmissing_049.pkl,1,P1\n")
