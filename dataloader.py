@@ -497,20 +497,31 @@ def mask_header_spacing(path: str | os.PathLike) -> tuple[float, float, float] |
     return _nifti_spacing(_nifti_from_bytes(_read_bytes(path), path))
 
 
+class MaskIndex:
+    """The masks of one ``mask_dir``, listed once and looked up by file number: 049.pkl -> 049.nii / 049.nii.gz /
+    49.nii(.gz) (leading zeros ignored; non-numeric names must match exactly). Build it once per run, not per scan:
+    listing a folder of thousands of masks for every scan is quadratic work."""
+
+    def __init__(self, mask_dir: str | os.PathLike):
+        self.mask_dir = Path(mask_dir)
+        index = _index_masks(str(mask_dir), [])
+        if index is None:
+            raise VolumeLoadError(mask_dir, "mask_dir is not a folder")
+        self._index = index
+
+    def find(self, image_path: str | os.PathLike) -> Path | None:
+        """The mask of ``image_path``, or None; VolumeLoadError when several masks match."""
+        case_id = case_id_from_path(image_path)
+        matches = self._index.get(_mask_key(case_id), [])
+        if len(matches) > 1:
+            raise VolumeLoadError(image_path, f"several masks match file number {case_id}: "
+                                              f"{', '.join(m.name for m in matches)}; keep one")
+        return matches[0] if matches else None
+
+
 def find_mask(image_path: str | os.PathLike, mask_dir: str | os.PathLike) -> Path | None:
-    """The mask of an image in ``mask_dir``, matched by file number: 049.pkl -> 049.nii / 049.nii.gz / 49.nii(.gz)
-    (leading zeros ignored; non-numeric names must match exactly). None when there is none; VolumeLoadError when
-    ``mask_dir`` is not a folder or several masks match."""
-    problems: list[Problem] = []
-    index = _index_masks(str(mask_dir), problems)
-    if index is None:
-        raise VolumeLoadError(mask_dir, "mask_dir is not a folder")
-    case_id = case_id_from_path(image_path)
-    matches = index.get(_mask_key(case_id), [])
-    if len(matches) > 1:
-        raise VolumeLoadError(image_path, f"several masks match file number {case_id}: "
-                                          f"{', '.join(m.name for m in matches)}; keep one")
-    return matches[0] if matches else None
+    """One-off lookup of an image's mask in ``mask_dir`` (see MaskIndex, which to use for many scans)."""
+    return MaskIndex(mask_dir).find(image_path)
 
 
 def matching_axes(image_shape: Sequence[int], mask_shape: Sequence[int]) -> tuple[int, int, int] | None:

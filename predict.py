@@ -245,7 +245,7 @@ def run(config: PredictConfig) -> int:
 
     import metrics
     import utils
-    from dataloader import find_mask, load_image_file, load_mask_file
+    from dataloader import MaskIndex, load_image_file, load_mask_file
 
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -253,6 +253,7 @@ def run(config: PredictConfig) -> int:
     scans = collect_inputs(Path(config.input))
     if points and len(scans) != 1:
         raise ValueError(f"--points applies to a single input scan, got {len(scans)} scans")
+    masks = MaskIndex(config.mask_dir) if config.mask_dir else None
     device = utils.resolve_device(config.device)
     predictor = Predictor(Path(config.checkpoint), device, config.use_mixed_precision)
     threshold_ml = (config.detection_threshold_ml if config.detection_threshold_ml is not None
@@ -267,7 +268,7 @@ def run(config: PredictConfig) -> int:
         started = time.time()
         try:
             image, meta = load_image_file(scan.path)
-            mask_path = find_mask(scan.path, Path(config.mask_dir)) if config.mask_dir else None
+            mask_path = masks.find(scan.path) if masks is not None else None
             spacing, affine = scan_geometry(scan.path, meta, image.shape, mask_path,
                                                predictor.config.data.spacing)
             probabilities = predictor.segment(image, spacing, points, point_labels)
