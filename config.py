@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, get_args, get_origin, get_type_hints
 
-logger = logging.getLogger(__name__)
 
 MODEL_NAMES = ("sam_med3d_turbo", "tiny")
 SCHEDULER_TYPES = ("reduce_on_plateau", "cosine", "step")
@@ -239,8 +237,6 @@ class Config:
             warnings.append("training sam_med3d_turbo from scratch: pass --pretrained_checkpoint to fine-tune")
         if t.scheduler_type == "cosine" and t.warmup_epochs >= t.epochs:
             warnings.append(f"--warmup_epochs {t.warmup_epochs} >= --epochs {t.epochs}: the run never leaves warm-up")
-        if lg.log_images and not lg.use_wandb:
-            logger.debug("--log_images without --use_wandb: overlays are saved as PNG only")
         return warnings
 
     def save(self, path: str | os.PathLike) -> None:
