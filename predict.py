@@ -34,6 +34,7 @@ class PredictConfig:
     input: str
     output_dir: str
     mask_dir: str | None
+    spacing: list[float] | None
     points: str | None
     threshold: float
     detection_threshold_ml: float
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--points", default=None,
                         help="Clicks on hemorrhage for a single input, in original voxel coordinates of array "
                              "axes 0,1,2: 'x,y,z;x,y,z'. Append ',0' to a click for background.")
+    parser.add_argument("--spacing", type=float, nargs=3, default=None, metavar="MM",
+                        help="Voxel spacing (mm, array axis order) for scans whose file carries none and that have "
+                             "no mask header to read it from (default: the training run's --spacing).")
     parser.add_argument("--threshold", type=float, default=0.5, help="Probability threshold for the mask.")
     parser.add_argument("--detection_threshold_ml", type=float, default=None,
                         help="Volume above which a scan counts as ICH-positive (default: metrics module's 0.1 mL).")
@@ -214,8 +218,8 @@ def largest_component_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
 def scan_geometry(path: Path, meta: dict[str, Any], shape: Sequence[int], mask_path: Path | None,
                   fallback_spacing: Sequence[float]) -> tuple[tuple[float, float, float], np.ndarray]:
     """Voxel spacing and affine of a raw scan, in the order the training data used: the file's own metadata,
-    else its mask's NIfTI header (reordered when the mask is stored with permuted axes), else the fallback
-    ``--spacing`` saved in the training config."""
+    else its mask's NIfTI header (reordered when the mask is stored with permuted axes), else ``fallback_spacing``
+    (predict.py's ``--spacing``, by default the training run's)."""
     import nibabel as nib
 
     from dataloader import mask_header_spacing, matching_axes
@@ -231,8 +235,8 @@ def scan_geometry(path: Path, meta: dict[str, Any], shape: Sequence[int], mask_p
                 affine = mask_header.affine
     if spacing is None:
         spacing = tuple(fallback_spacing)
-        logger.warning("%s: no spacing in the file or a mask header; using the training fallback %s mm", path,
-                       spacing)
+        logger.warning("%s: no spacing in the file or a mask header; using the fallback spacing %s mm "
+                       "(--spacing)", path, spacing)
     spacing = tuple(float(s) for s in spacing)
     if affine is None:
         affine = np.diag([*spacing, 1.0])
@@ -270,7 +274,7 @@ def run(config: PredictConfig) -> int:
             image, meta = load_image_file(scan.path)
             mask_path = masks.find(scan.path) if masks is not None else None
             spacing, affine = scan_geometry(scan.path, meta, image.shape, mask_path,
-                                               predictor.config.data.spacing)
+                                            config.spacing or predictor.config.data.spacing)
             probabilities = predictor.segment(image, spacing, points, point_labels)
         except (OSError, ValueError, RuntimeError) as error:
             failures.append(f"{scan.path}: {error}")

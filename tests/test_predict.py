@@ -132,6 +132,21 @@ def test_wrong_checkpoints_are_refused_by_name(trained_run, tmp_path, caplog):
     assert "mismatched.pth" in caplog.text and "do not fit" in caplog.text
 
 
+def test_scans_without_spacing_use_the_given_fallback(trained_run, tmp_path, caplog):
+    cohort = trained_run["cohort"]
+    # A scan whose spacing lives only in its mask header, predicted without --mask_dir.
+    source = next(r["path"] for r in read_csv(cohort.train_csv) if load_image_file(r["path"])[1]["spacing"] is None)
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    shutil.copy(source, folder)
+    out = tmp_path / "out"
+    assert predict.main(["--checkpoint", str(trained_run["output_dir"] / "best_model.pth"), "--input",
+                         str(folder), "--output_dir", str(out), "--spacing", "1.2", "1.2", "4"]) == 0
+    written = nib.load(str(out / f"{predict.file_stem(predict.Path(source))}.nii.gz"))
+    np.testing.assert_allclose(written.header.get_zooms()[:3], (1.2, 1.2, 4.0), rtol=1e-6)
+    assert "fallback spacing (1.2, 1.2, 4.0) mm" in caplog.text
+
+
 def test_points_parsing():
     assert predict.parse_points("1,2,3;4,5,6,0") == ([(1.0, 2.0, 3.0), (4.0, 5.0, 6.0)], [1, 0])
     with pytest.raises(ValueError, match="should be 'x,y,z'"):
