@@ -11,33 +11,40 @@
 
 Each scan is a phantom in physical units: air (-1000 HU), scalp (~40), a skull ring (dense tables ~1500,
 diploe ~800), grey/white matter (~36/27), lateral ventricles (~5), small calcifications, and for ICH-positive
-scans one or two hyperdense hemorrhages (60-85 HU) with a hypodense oedema rim: ellipsoid or lobulated
-intraparenchymal bleeds, or a subdural crescent under the skull. Geometry follows the spacing (the slice axis is
-the one with the largest spacing), so 512×512×30 at 0.45×0.45×5 mm looks like a clinical scan and 96×96×20 at
+scans one or more hyperdense hemorrhages with a hypodense oedema rim. Geometry follows the spacing (the slice axis
+is the one with the largest spacing), so 512×512×30 at 0.45×0.45×5 mm looks like a clinical scan and 96×96×20 at
 1.2×1.2×4 mm is a fast test cohort. Everything is deterministic given the seed.
+
+``Appearance`` (one CLI flag per field) sets what makes a cohort hard: which lesion kinds are drawn and how often
+(ellipsoid, lobulated or irregular intraparenchymal bleeds, a subdural crescent, intraventricular blood layering
+in a lateral ventricle; shapes in ``synthetic_lesions``), how many separate foci, blood density, image noise and
+beam-hardening-like streaks. Its defaults — 0.45/0.35/0.2 ellipsoid/lobulated/subdural, two foci in 15 % of
+positive scans, blood 60-85 HU, noise σ 4-8 HU, no streaks — reproduce earlier cohorts array for array: options
+away from the defaults draw their extra random numbers only where the defaults never go.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import math
+import numbers
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Sequence
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from synthetic_lesions import CONNECTIVITY, LESION_KINDS, Anatomy, ellipsoid, place_lesion
+
 AIR_HU = -1000.0
 SCALP_HU = 40.0
 GREY_HU, WHITE_HU = 36.0, 27.0
 CSF_HU = 5.0
-BLOOD_HU_RANGE = (60.0, 85.0)
 OEDEMA_HU = 18.0
 OUTSIDE_FOV_HU = -2048.0   # what many scanners store outside the reconstruction circle
-LESION_KINDS = ("ellipsoid", "lobulated", "subdural")
 _MAX_BRAIN_FRACTION = 0.12  # a hemorrhage never takes more than this share of the brain
 
 
@@ -63,12 +70,86 @@ class HeadGeometry:
 
 @dataclass(frozen=True)
 class SyntheticScan:
-    """``image``: D×H×W float32 HU; ``mask``: D×H×W uint8 (1 = hemorrhage); ``blood_ml`` from mask voxels."""
+    """``image``: D×H×W float32 HU; ``mask``: D×H×W uint8 (1 = hemorrhage); ``blood_ml`` from mask voxels.
+
+    ``lesion_kinds`` has one entry per lesion drawn; ``foci`` counts the connected lesions in the mask
+    (26-connectivity; fewer than the lesions drawn when foci touch, see ``Appearance.separate_foci``) and
+    ``focus_ml`` gives their volumes, largest first; ``streaks`` is the number of streak artefacts added."""
 
     image: np.ndarray
     mask: np.ndarray
     lesion_kinds: tuple[str, ...]
     blood_ml: float
+    foci: int
+    focus_ml: tuple[float, ...]
+    streaks: int
+
+
+def _knob(help: str, default: Any, **flag_options: Any) -> Any:
+    """An Appearance field that also carries its CLI flag (``--<field name>``): help text and argparse options."""
+    return field(default=default, metadata={"help": help, **flag_options})
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """How hemorrhages and artefacts look in a cohort; validated on construction (ValueError naming each bad field).
+
+    The defaults reproduce cohorts made before these options existed, array for array, for a given seed."""
+
+    lesion_kinds: tuple[str, ...] = _knob(
+        f"Hemorrhage kinds to draw from: {', '.join(LESION_KINDS)}.", ("ellipsoid", "lobulated", "subdural"),
+        nargs="+", choices=LESION_KINDS, metavar="KIND")
+    kind_weights: tuple[float, ...] = _knob(
+        "Relative frequency of each of --lesion_kinds, in the same order (equal weights when only --lesion_kinds "
+        "is given).", (0.45, 0.35, 0.2), nargs="+", type=float, metavar="W")
+    max_foci: int = _knob("Most hemorrhage foci in a multifocal scan (1: never multifocal).", 2, type=int)
+    multifocal_fraction: float = _knob(
+        "Fraction of ICH-positive scans with 2..max_foci foci; the total volume stays within --min_ml..--max_ml.",
+        0.15, type=float)
+    separate_foci: bool = _knob(
+        "Keep foci at least one voxel apart so each is its own connected lesion (off, as in earlier cohorts, they "
+        "may touch and merge).", False, action=argparse.BooleanOptionalAction)
+    blood_hu: tuple[float, float] = _knob(
+        "Range of the mean blood density per lesion in HU (e.g. 50 65 for low-contrast subacute or anaemic bleeds).",
+        (60.0, 85.0), nargs=2, type=float, metavar=("LOW", "HIGH"))
+    noise_hu: tuple[float, float] = _knob("Range of the image noise standard deviation per scan in HU.",
+                                          (4.0, 8.0), nargs=2, type=float, metavar=("LOW", "HIGH"))
+    streak_fraction: float = _knob(
+        "Fraction of scans with beam-hardening-like dark and bright streaks across the head in the lower slices; "
+        "they never touch the hemorrhage.", 0.0, type=float)
+
+    def __post_init__(self) -> None:
+        # Accept any sequences (lists from argparse or JSON) but store tuples, so equal settings compare equal.
+        for name in ("lesion_kinds", "kind_weights", "blood_hu", "noise_hu"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        problems = []
+        kinds, weights = self.lesion_kinds, self.kind_weights
+        unknown = [k for k in kinds if k not in LESION_KINDS]
+        if not kinds or unknown or len(set(kinds)) != len(kinds):
+            problems.append(f"lesion_kinds must be distinct names from {', '.join(LESION_KINDS)}, got {kinds}")
+        if len(weights) != len(kinds):
+            problems.append(f"kind_weights needs one weight per lesion kind: {len(weights)} weight(s) {weights} for "
+                            f"{len(kinds)} kind(s) {kinds}")
+        elif not all(math.isfinite(x) and x >= 0 for x in weights) or sum(weights) <= 0:
+            problems.append(f"kind_weights must be >= 0 with a positive sum, got {weights}")
+        if isinstance(self.max_foci, bool) or not isinstance(self.max_foci, numbers.Integral) or self.max_foci < 1:
+            problems.append(f"max_foci must be an integer >= 1, got {self.max_foci!r}")
+        for name in ("multifocal_fraction", "streak_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name, floor in (("blood_hu", -math.inf), ("noise_hu", 0.0)):
+            low_high = getattr(self, name)
+            finite_pair = len(low_high) == 2 and all(math.isfinite(x) for x in low_high)
+            if not (finite_pair and floor <= low_high[0] <= low_high[1]):
+                bound = "0 <= " if floor == 0.0 else ""
+                problems.append(f"{name} must be two finite values {bound}LOW <= HIGH in HU, got {low_high}")
+        if problems:
+            raise ValueError("invalid synthetic appearance:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    @property
+    def kind_probabilities(self) -> tuple[float, ...]:
+        total = sum(self.kind_weights)
+        return tuple(w / total for w in self.kind_weights)
 
 
 def _slice_axis(spacing: Sequence[float]) -> int:
@@ -107,109 +188,54 @@ def _head_frame(shape: Sequence[int], spacing: Sequence[float], head: HeadGeomet
     return x * cos + y * sin, -x * sin + y * cos, z
 
 
-def _ellipsoid(u: np.ndarray, v: np.ndarray, w: np.ndarray, center: Sequence[float],
-               semi: Sequence[float]) -> np.ndarray:
-    return (((u - center[0]) / semi[0]) ** 2 + ((v - center[1]) / semi[1]) ** 2
-            + ((w - center[2]) / semi[2]) ** 2) < 1.0
+def _foci_count(rng: np.random.Generator, appearance: Appearance) -> int:
+    """1, or with probability ``multifocal_fraction`` between 2 and ``max_foci``."""
+    if rng.random() >= appearance.multifocal_fraction or appearance.max_foci == 1:
+        return 1
+    # The original generator knew only two foci: no extra draw when that is the most allowed.
+    return 2 if appearance.max_foci == 2 else int(rng.integers(2, appearance.max_foci + 1))
 
 
-def _random_rotation(rng: np.random.Generator) -> np.ndarray:
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q *= np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
+def _add_streaks(image: np.ndarray, rng: np.random.Generator, frame: tuple[np.ndarray, np.ndarray, np.ndarray],
+                 head: np.ndarray, blood: np.ndarray, spacing: Sequence[float], reach_mm: float) -> int:
+    """Add 2-5 beam-hardening-like streaks to ``image`` in place; returns how many.
 
-
-def _box(shape: Sequence[int], spacing: Sequence[float], center: Sequence[int], half_mm: float
-         ) -> tuple[slice, ...]:
-    return tuple(slice(max(0, c - int(math.ceil(half_mm / s)) - 1), min(n, c + int(math.ceil(half_mm / s)) + 2))
-                 for c, s, n in zip(center, spacing, shape))
-
-
-def _lesion_region(kind: str, rng: np.random.Generator, frame: tuple[np.ndarray, np.ndarray, np.ndarray],
-                   brain_r: np.ndarray, brain_semi_mm: float, eligible: np.ndarray, shape: tuple[int, ...],
-                   spacing: Sequence[float]) -> Callable[[float, float], np.ndarray]:
-    """A lesion as ``region(scale, grow_mm) -> D×H×W bool``: blobs have radius ~``scale`` mm (volume ~ scale³),
-    the subdural crescent spans a sector of half-angle ``scale`` rad; ``grow_mm`` inflates it (oedema rim)."""
-    u, v, w = frame
-    if kind == "subdural":
-        # A crescent 6-12 mm thick under the inner table; ``scale`` is the half-angle (rad) of the convexity
-        # sector it covers, so its volume grows roughly with scale².
-        theta = rng.uniform(0.0, 2 * math.pi)
-        direction = np.array([math.cos(theta), math.sin(theta), rng.uniform(-0.3, 0.3)])
-        direction /= np.linalg.norm(direction)
-        cosine = (u * direction[0] + v * direction[1] + w * direction[2]) / (np.sqrt(u ** 2 + v ** 2 + w ** 2) + 1e-6)
-        thickness_mm = rng.uniform(6.0, 12.0)
-
-        def crescent(scale: float, grow_mm: float) -> np.ndarray:
-            depth = (thickness_mm + grow_mm) / brain_semi_mm
-            return (cosine > math.cos(min(scale, 1.3))) & (brain_r >= 1.0 - depth) & (brain_r < 1.0)
-
-        return crescent
-
-    # Blobs: centred on a random eligible voxel (deep in the brain, outside the ventricles), randomly oriented,
-    # evaluated only inside a bounding box around the centre.
-    candidates = np.flatnonzero(eligible)
-    center_index = [int(i) for i in np.unravel_index(candidates[rng.integers(candidates.size)], shape)]
-    center = [float(np.broadcast_to(q, shape)[tuple(center_index)]) for q in frame]
-    rotation = _random_rotation(rng)
-
-    def local(half_mm: float) -> tuple[tuple[slice, ...], list[np.ndarray]]:
-        window = _box(shape, spacing, center_index, half_mm)
-        d = [np.broadcast_to(q, shape)[window] - c for q, c in zip(frame, center)]
-        return window, [rotation[0, i] * d[0] + rotation[1, i] * d[1] + rotation[2, i] * d[2] for i in range(3)]
-
-    if kind == "ellipsoid":
-        aspect = rng.uniform(0.75, 1.3, size=3)
-        aspect /= aspect.prod() ** (1 / 3)
-
-        def ellipsoid(scale: float, grow_mm: float) -> np.ndarray:
-            semi = [scale * a + grow_mm for a in aspect]
-            window, p = local(max(semi))
-            region = np.zeros(shape, dtype=bool)
-            region[window] = _ellipsoid(p[0], p[1], p[2], (0.0, 0.0, 0.0), semi)
-            return region
-
-        return ellipsoid
-    n_lobes = int(rng.integers(3, 7))
-    offsets = rng.normal(size=(n_lobes, 3))
-    offsets *= (rng.uniform(0.3, 0.7, size=n_lobes) / np.linalg.norm(offsets, axis=1))[:, None]
-    radii = rng.uniform(0.5, 0.8, size=n_lobes)
-
-    def lobulated(scale: float, grow_mm: float) -> np.ndarray:
-        window, p = local(scale * 1.5 + grow_mm)
-        inside = np.zeros(p[0].shape, dtype=bool)
-        for offset, radius in zip(offsets, radii):
-            r = radius * scale + grow_mm
-            inside |= _ellipsoid(p[0], p[1], p[2], offset * scale, (r, r, r))
-        region = np.zeros(shape, dtype=bool)
-        region[window] = inside
-        return region
-
-    return lobulated
-
-
-def _fit_volume(region_of: Callable[[float, float], np.ndarray], scale: float, exponent: float, target_ml: float,
-                voxel_ml: float, allowed: np.ndarray) -> tuple[np.ndarray, float]:
-    """Rescale a lesion until its volume inside ``allowed`` is within 10 % of ``target_ml`` (at most 8 tries)."""
-    region = region_of(scale, 0.0) & allowed
-    for _ in range(8):
-        realised = float(np.count_nonzero(region)) * voxel_ml
-        if abs(realised - target_ml) <= 0.1 * target_ml:
-            break
-        scale *= (target_ml / max(realised, 0.05 * target_ml)) ** (1.0 / exponent)
-        region = region_of(scale, 0.0) & allowed
-    return region, scale
+    Each is a straight band across the axial plane (Gaussian profile 0.7-3 mm wide, ±15-60 HU, mostly dark, as
+    between the petrous bones) in a run of adjacent slices in the lower half of the scan, where the dense skull base
+    is. They stop at the scalp and spare the blood plus a one-voxel margin, so the mask stays exactly the blood."""
+    u, v, _ = frame
+    k = _slice_axis(spacing)
+    n_slices = image.shape[k]
+    view = [1, 1, 1]
+    view[k] = n_slices
+    artefact = np.zeros(image.shape, dtype=np.float32)
+    n_streaks = int(rng.integers(2, 6))
+    for _ in range(n_streaks):
+        angle = rng.uniform(0.0, math.pi)
+        offset_mm = rng.uniform(-0.6, 0.6) * reach_mm
+        width_mm = rng.uniform(0.7, 3.0)
+        amplitude = rng.uniform(15.0, 60.0) * (-1.0 if rng.random() < 0.6 else 1.0)
+        first = int(rng.integers(max(1, n_slices // 2)))
+        last = min(n_slices, first + int(rng.integers(1, max(2, n_slices // 3) + 1)))
+        per_slice = np.zeros(n_slices, dtype=np.float32)
+        per_slice[first:last] = rng.uniform(0.5, 1.0, size=last - first)   # streaks vary from slice to slice
+        distance = u * math.cos(angle) + v * math.sin(angle) - offset_mm
+        band = np.exp(-0.5 * (distance / width_mm) ** 2).astype(np.float32)
+        artefact += amplitude * band * per_slice.reshape(view)
+    artefact[~head | ndimage.binary_dilation(blood, structure=CONNECTIVITY)] = 0.0
+    image += artefact
+    return n_streaks
 
 
 def synthesize_scan(shape: Sequence[int], spacing: Sequence[float], rng: np.random.Generator,
                     with_hemorrhage: bool, head: HeadGeometry | None = None, min_ml: float = 5.0,
-                    max_ml: float = 40.0) -> SyntheticScan:
+                    max_ml: float = 40.0, appearance: Appearance | None = None) -> SyntheticScan:
     """One head CT in HU with its hemorrhage mask (empty when ``with_hemorrhage`` is False).
 
-    Hemorrhage volume is drawn log-uniformly in [min_ml, max_ml] (capped at 12 % of the brain) and realised to
-    within a few percent; raises ValueError when the grid is too small to hold ``min_ml`` of blood."""
+    Hemorrhage volume (all foci together) is drawn log-uniformly in [min_ml, max_ml] (capped at 12 % of the brain)
+    and realised to within about 10 %; ``appearance`` (default: ``Appearance()``) sets lesion kinds, foci, blood
+    density, noise and streaks. Raises ValueError when the grid is too small to hold ``min_ml`` of blood."""
+    appearance = appearance if appearance is not None else Appearance()
     shape = tuple(int(s) for s in shape)
     spacing = tuple(float(s) for s in spacing)
     if len(shape) != 3 or len(spacing) != 3 or min(shape) < 4 or min(spacing) <= 0:
@@ -235,14 +261,14 @@ def synthesize_scan(shape: Sequence[int], spacing: Sequence[float], rng: np.rand
     image[brain] = WHITE_HU
     image[brain & (brain_r > 1.0 - 4.0 / mean_semi)] = GREY_HU   # ~4 mm cortical ribbon
     bs = [s * skull_inner for s in semi]  # brain semi-axes
-    brain_semi_mm = (bs[0] + bs[1]) / 2.0
     ventricle_semi = (0.07 * bs[0], 0.30 * bs[1], 0.18 * bs[2])   # lateral ventricles, left and right
-    ventricles = brain & (_ellipsoid(u, v, w, (0.16 * bs[0], -0.02 * bs[1], 0.12 * bs[2]), ventricle_semi)
-                          | _ellipsoid(u, v, w, (-0.16 * bs[0], -0.02 * bs[1], 0.12 * bs[2]), ventricle_semi))
+    ventricle_centers = ((0.16 * bs[0], -0.02 * bs[1], 0.12 * bs[2]), (-0.16 * bs[0], -0.02 * bs[1], 0.12 * bs[2]))
+    ventricles = brain & (ellipsoid(u, v, w, ventricle_centers[0], ventricle_semi)
+                          | ellipsoid(u, v, w, ventricle_centers[1], ventricle_semi))
     image[ventricles] = CSF_HU
     if head.calcifications:  # pineal gland and choroid plexus: small hyperdense spots that are not blood
-        image[_ellipsoid(u, v, w, (0.0, -0.25 * bs[1], 0.05 * bs[2]), (2.5, 2.5, 2.5)) & brain] = 180.0
-        image[_ellipsoid(u, v, w, (0.16 * bs[0], -0.2 * bs[1], 0.12 * bs[2]), (2.0, 2.0, 2.0)) & brain] = 110.0
+        image[ellipsoid(u, v, w, (0.0, -0.25 * bs[1], 0.05 * bs[2]), (2.5, 2.5, 2.5)) & brain] = 180.0
+        image[ellipsoid(u, v, w, (0.16 * bs[0], -0.2 * bs[1], 0.12 * bs[2]), (2.0, 2.0, 2.0)) & brain] = 110.0
 
     mask = np.zeros(shape, dtype=bool)
     kinds: list[str] = []
@@ -252,32 +278,29 @@ def synthesize_scan(shape: Sequence[int], spacing: Sequence[float], rng: np.rand
         if cap < min_ml:
             raise ValueError(f"grid {shape} at {spacing} mm holds only {brain_ml:.0f} mL of brain: too small for a "
                              f"{min_ml:g} mL hemorrhage (use a larger shape or spacing, or a smaller min_ml)")
-        eligible = brain & (brain_r < 0.6) & ~ventricles
-        n_lesions = 2 if rng.random() < 0.15 else 1
+        # -v is posterior (the pineal and choroid plexus sit there), so a supine patient's gravity is along -v in the
+        # scanner frame: "up" is +v turned back by the head's in-plane tilt.
+        anatomy = Anatomy(frame=frame, brain=brain, brain_r=brain_r, brain_semi_mm=(bs[0] + bs[1]) / 2.0,
+                          eligible=brain & (brain_r < 0.6) & ~ventricles,
+                          ventricles=tuple((c, ventricle_semi) for c in ventricle_centers),
+                          up=(math.sin(head.angle), math.cos(head.angle), 0.0), shape=shape, spacing=spacing)
+        n_lesions = _foci_count(rng, appearance)
         for _ in range(n_lesions):
-            kind = str(rng.choice(LESION_KINDS, p=(0.45, 0.35, 0.2)))
+            kind = str(rng.choice(appearance.lesion_kinds, p=appearance.kind_probabilities))
             target = max(math.exp(rng.uniform(math.log(min_ml), math.log(cap))), min_ml) / n_lesions
-            for attempt_kind in (kind, "ellipsoid"):  # a crescent that cannot reach its volume becomes a blob
-                region_of = _lesion_region(attempt_kind, rng, frame, brain_r, brain_semi_mm, eligible, shape,
-                                           spacing)
-                if attempt_kind == "subdural":
-                    region, scale = _fit_volume(region_of, 0.5, 2.0, target, voxel_ml, brain & ~mask)
-                else:
-                    radius = (3.0 * target * 1000.0 / (4.0 * math.pi)) ** (1 / 3)
-                    region, scale = _fit_volume(region_of, radius, 3.0, target, voxel_ml, brain & ~mask)
-                if np.count_nonzero(region) * voxel_ml >= 0.9 * target:
-                    break
-            if attempt_kind != "subdural":
+            region, drawn, region_of, scale = place_lesion(kind, target, rng, anatomy, mask, voxel_ml,
+                                                            appearance.separate_foci)
+            if drawn not in ("subdural", "intraventricular"):   # oedema surrounds bleeds into brain tissue only
                 oedema = region_of(scale, 3.0) & brain & ~region & ~mask
                 image[oedema] = OEDEMA_HU
-            image[region] = rng.uniform(*BLOOD_HU_RANGE) + rng.normal(0.0, 3.0, size=int(np.count_nonzero(region)))
+            image[region] = rng.uniform(*appearance.blood_hu) + rng.normal(0.0, 3.0, size=int(np.count_nonzero(region)))
             mask |= region
-            kinds.append(attempt_kind)
+            kinds.append(drawn)
 
     # Partial volume along the finer axes (~0.5 mm point-spread), then quantum noise.
     sigma = [min(1.0, 0.5 / s) for s in spacing]
     image = ndimage.gaussian_filter(image, sigma=sigma, mode="nearest")
-    image += rng.normal(0.0, rng.uniform(4.0, 8.0), size=shape).astype(np.float32)
+    image += rng.normal(0.0, rng.uniform(*appearance.noise_hu), size=shape).astype(np.float32)
     k = _slice_axis(spacing)
     a, b = [i for i in range(3) if i != k]
     fov_radius = min(shape[a] * spacing[a], shape[b] * spacing[b]) / 2.0
@@ -287,9 +310,16 @@ def synthesize_scan(shape: Sequence[int], spacing: Sequence[float], rng: np.rand
         radius = np.sqrt(coords[a][:, None] ** 2 + coords[b][None, :] ** 2)
         outside = np.expand_dims(radius > fov_radius, axis=k)
         image = np.where(outside, np.float32(OUTSIDE_FOV_HU), image)
+    image = image.astype(np.float32)
+    streaks = 0
+    # Last, and only when asked for: the rest of the scan is the same with or without streaks.
+    if appearance.streak_fraction > 0 and rng.random() < appearance.streak_fraction:
+        streaks = _add_streaks(image, rng, frame, r < 1.0, mask, spacing, min(semi[0], semi[1]))
+    labels, foci = ndimage.label(mask, structure=CONNECTIVITY)
+    focus_ml = sorted((float(n) * voxel_ml for n in np.bincount(labels.ravel())[1:]), reverse=True)
     blood = mask.astype(np.uint8)
-    return SyntheticScan(image=image.astype(np.float32), mask=blood, lesion_kinds=tuple(kinds),
-                         blood_ml=float(blood.sum()) * voxel_ml)
+    return SyntheticScan(image=image, mask=blood, lesion_kinds=tuple(kinds), blood_ml=float(blood.sum()) * voxel_ml,
+                         foci=int(foci), focus_ml=tuple(focus_ml), streaks=streaks)
 
 
 def _pkl_payload(image: np.ndarray, spacing: Sequence[float], positive: bool, rng: np.random.Generator) -> object:
@@ -333,11 +363,13 @@ def _split_plan(n: int, positive_fraction: float, rng: np.random.Generator, forc
 
 def generate_cohort(out_dir: str | Path, n_train: int, n_val: int, shape: Sequence[int] = (512, 512, 30),
                     spacing: Sequence[float] = (0.45, 0.45, 5.0), seed: int = 0, positive_fraction: float = 0.6,
-                    relative_paths: bool = False, min_ml: float = 5.0, max_ml: float = 40.0) -> SyntheticCohort:
+                    relative_paths: bool = False, min_ml: float = 5.0, max_ml: float = 40.0,
+                    appearance: Appearance | None = None) -> SyntheticCohort:
     """Write a synthetic cohort in the user format (see the module docstring) and return its paths.
 
     Scans are numbered 001, 002, ... (train first); patients P0001, ... never cross splits. With
-    ``relative_paths`` the CSVs hold paths relative to their own folder. Deterministic given ``seed``.
+    ``relative_paths`` the CSVs hold paths relative to their own folder. ``appearance`` (default:
+    ``Appearance()``) applies to every scan. Deterministic given ``seed``.
     """
     if n_train < 1 or n_val < 0:
         raise ValueError(f"need n_train >= 1 and n_val >= 0, got {n_train} and {n_val}")
@@ -361,7 +393,8 @@ def generate_cohort(out_dir: str | Path, n_train: int, n_val: int, shape: Sequen
             # Head anatomy is a property of the patient; noise, lesions and file layout of the scan.
             head = random_head(shape, spacing, np.random.default_rng(np.random.SeedSequence([seed, 1, patient_id])))
             rng = np.random.default_rng(np.random.SeedSequence([seed, 2, number]))
-            scan = synthesize_scan(shape, spacing, rng, positive, head=head, min_ml=min_ml, max_ml=max_ml)
+            scan = synthesize_scan(shape, spacing, rng, positive, head=head, min_ml=min_ml, max_ml=max_ml,
+                                   appearance=appearance)
             image = np.rint(scan.image).astype(np.int16) if rng.random() < 0.5 else scan.image
             image_path = images / f"{number:03d}.pkl"
             protocol = int(rng.choice([2, 4, 5], p=[0.15, 0.45, 0.4]))
@@ -388,7 +421,7 @@ def generate_cohort(out_dir: str | Path, n_train: int, n_val: int, shape: Sequen
     return SyntheticCohort(train_csv=csv_paths["train"], val_csv=csv_paths["val"], mask_dir=masks, root=root)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Write a synthetic head-CT hemorrhage cohort in the ichseg user "
                                                  "format (pkl volumes in HU, NIfTI masks, train/val CSVs).")
     parser.add_argument("--out_dir", required=True, help="Folder to write images/, masks/, train.csv, val.csv into.")
@@ -401,14 +434,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="Random seed (default: 0).")
     parser.add_argument("--positive_fraction", type=float, default=0.6,
                         help="Fraction of ICH-positive scans per split (default: 0.6).")
-    parser.add_argument("--min_ml", type=float, default=5.0, help="Smallest hemorrhage volume in mL (default: 5).")
-    parser.add_argument("--max_ml", type=float, default=40.0, help="Largest hemorrhage volume in mL (default: 40).")
+    parser.add_argument("--min_ml", type=float, default=5.0,
+                        help="Smallest total hemorrhage volume per scan in mL (default: 5).")
+    parser.add_argument("--max_ml", type=float, default=40.0,
+                        help="Largest total hemorrhage volume per scan in mL (default: 40).")
     parser.add_argument("--relative_paths", action="store_true",
                         help="Write CSV paths relative to the CSV's folder instead of absolute paths.")
+    group = parser.add_argument_group("lesions and artefacts", "The defaults reproduce cohorts made before these "
+                                                               "flags existed, array for array.")
+    for knob in fields(Appearance):
+        options = {key: value for key, value in knob.metadata.items() if key != "help"}
+        default = knob.default
+        shown = " ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in np.atleast_1d(default).tolist())
+        if isinstance(default, bool):
+            shown = "on" if default else "off"
+        # None marks "not given", so appearance_from_args can tell defaults from choices.
+        group.add_argument(f"--{knob.name}", default=None, help=f"{knob.metadata['help']} (default: {shown})",
+                           **options)
+    return parser
+
+
+def appearance_from_args(args: argparse.Namespace) -> Appearance:
+    """The Appearance the lesion/artefact flags ask for; --lesion_kinds alone means equal weights."""
+    given = {knob.name: getattr(args, knob.name) for knob in fields(Appearance)
+             if getattr(args, knob.name) is not None}
+    if "lesion_kinds" in given and "kind_weights" not in given:
+        given["kind_weights"] = (1.0,) * len(given["lesion_kinds"])
+    return Appearance(**given)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        appearance = appearance_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))   # exits with status 2 and the usage line, like any other bad flag
     cohort = generate_cohort(args.out_dir, args.n_train, args.n_val, shape=args.shape, spacing=args.spacing,
                              seed=args.seed, positive_fraction=args.positive_fraction,
-                             relative_paths=args.relative_paths, min_ml=args.min_ml, max_ml=args.max_ml)
+                             relative_paths=args.relative_paths, min_ml=args.min_ml, max_ml=args.max_ml,
+                             appearance=appearance)
     print(f"wrote {args.n_train} train + {args.n_val} val scans of {tuple(args.shape)} at {tuple(args.spacing)} mm\n"
           f"  train CSV: {cohort.train_csv}\n  val CSV:   {cohort.val_csv}\n  masks:     {cohort.mask_dir}")
     return 0
