@@ -19,8 +19,12 @@ from typing import Any, Sequence, get_args, get_origin, get_type_hints
 MODEL_NAMES = ("sam_med3d_turbo", "tiny")
 SCHEDULER_TYPES = ("reduce_on_plateau", "cosine", "step")
 PROMPT_MODES = ("clicks", "none", "mixed")
-NORMALIZATIONS = ("zscore", "minmax", "none")
+NORMALIZATIONS = ("zscore", "minmax", "none", "sam_med3d")
 DEVICES = ("auto", "cuda", "cpu")
+# Weights each architecture starts from unless told otherwise: the published file where one exists.
+CHECKPOINT_DEFAULTS = {"sam_med3d_turbo": "turbo", "tiny": None}
+# SAM-Med3D's reference training runs the prompt encoder and mask decoder at 0.1x the encoder's learning rate.
+PRETRAINED_DECODER_LR_SCALE = 0.1
 
 
 class ConfigError(ValueError):
@@ -32,9 +36,15 @@ class ConfigError(ValueError):
 
 
 def _flag(help: str, *, flag: str | None = None, choices: Sequence[str] | None = None, metavar: str | None = None,
-          default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field that also carries its command-line description."""
-    metadata = {"help": help, "flag": flag, "choices": choices, "metavar": metavar}
+          default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING,
+          cli_default: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that also carries its command-line description.
+
+    ``cli_default``: what the command line starts from when it differs from the field's (library) default, e.g.
+    ``"auto"`` settings that ``build_config`` resolves from other flags (``Config.resolve_defaults``); a Config
+    built in code keeps the plain default.
+    """
+    metadata = {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "cli_default": cli_default}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -58,7 +68,11 @@ class DataConfig:
     hu_window: tuple[float, float] = _flag(
         "Clip raw HU to [low, high] before normalisation: keeps brain, blood and CSF, saturates bone.",
         default=(-100.0, 200.0), metavar="HU")
-    normalization: str = _flag("Intensity normalisation after windowing.", default="zscore", choices=NORMALIZATIONS)
+    normalization: str = _flag(
+        "Intensity normalisation. auto: sam_med3d when fine-tuning sam_med3d_turbo from pretrained weights (the "
+        "input distribution they were trained on: clamp -1000..1000 HU, z-score over voxels > 0 HU), else zscore "
+        "(the --hu_window brain window, z-scored inside the head).", default="zscore",
+        choices=("auto", *NORMALIZATIONS), cli_default="auto")
     positive_crop_fraction: float = _flag(
         "Fraction of training crops centred on hemorrhage in ICH-positive scans.", default=0.75)
     augmentation_prob: float = _flag("Probability of each random augmentation (flip, affine, intensity).",
@@ -78,12 +92,17 @@ class ModelConfig:
     name: str = _flag("Architecture: the real ViT-B at 128^3, or a tiny variant at 64^3 for tests.",
                       flag="model", default="sam_med3d_turbo", choices=MODEL_NAMES)
     pretrained_checkpoint: str | None = _flag(
-        "SAM-Med3D weights: a local .pth path, or 'turbo' for the published SAM-Med3D-turbo file.", default=None)
+        "SAM-Med3D weights: 'auto' (the published SAM-Med3D-turbo file for --model sam_med3d_turbo; none for tiny, "
+        "which has no published weights), 'turbo', a local .pth path, or 'none' to train from scratch on purpose.",
+        default=None, cli_default="auto")
     visual_tokens: int = _flag("Width of the visual tokens produced for the BLIP-2 path.", default=256)
     freeze_encoder: bool = _flag("Freeze the image encoder; train prompt encoder, decoder and heads only.",
                                  default=False)
     use_gradient_checkpointing: bool = _flag("Recompute encoder blocks in backward to save activation memory.",
                                              default=False)
+    mask_refiner: bool = _flag(
+        "Refine the decoder's masks at full resolution from the image (starts as the identity; off: "
+        "--no-mask_refiner).", default=True)
 
 
 @dataclass(frozen=True)
@@ -93,7 +112,13 @@ class TrainConfig:
     output_dir: str = _flag("Folder for checkpoints, logs and summaries.", default="./outputs")
     epochs: int = _flag("Maximum number of epochs.", default=200)
     batch_size: int = _flag("Crops per optimisation micro-batch.", default=2)
-    lr: float = _flag("Peak learning rate (AdamW).", default=1e-4)
+    lr: float = _flag("Peak learning rate (AdamW) of the image encoder.", default=1e-4)
+    decoder_lr_scale: float = _flag(
+        "Learning rate of the prompt encoder and mask decoder as a multiple of --lr (default: 0.1 when starting from "
+        "pretrained weights, as SAM-Med3D's own training does; 1.0 from scratch).", default=1.0, cli_default=None)
+    scratch_lr: float = _flag(
+        "Learning rate of the parts that start from scratch even when fine-tuning: the mask refiner and the "
+        "representation head.", default=2e-3)
     weight_decay: float = _flag("AdamW weight decay.", default=1e-4)
     gradient_accumulation_steps: int = _flag("Micro-batches per optimiser step.", default=4)
     max_grad_norm: float = _flag("Clip the global gradient norm to this value (0 disables clipping).", default=1.0)
@@ -166,6 +191,31 @@ class Config:
             sections[section.name] = section.type_(**values)
         return cls(**sections, test=bool(raw.get("test", False)))
 
+    def resolve_defaults(self) -> "Config":
+        """Settings whose command-line default is "auto" (or unset), decided from the others, once:
+
+        - ``pretrained_checkpoint``: auto -> ``turbo`` for sam_med3d_turbo, none for tiny; ``none`` -> None.
+        - ``normalization``: auto -> ``sam_med3d`` for sam_med3d_turbo with pretrained weights, else ``zscore``.
+        - ``decoder_lr_scale``: unset -> 0.1 with pretrained weights, 1.0 from scratch.
+        The result is what config.json and every checkpoint record.
+        """
+        m, d, t = self.model, self.data, self.train
+        weights = m.pretrained_checkpoint
+        if weights == "auto":
+            weights = CHECKPOINT_DEFAULTS.get(m.name)
+        elif weights is not None and weights.lower() == "none":
+            weights = None
+        normalization = d.normalization
+        if normalization == "auto":
+            normalization = "sam_med3d" if (m.name == "sam_med3d_turbo" and weights is not None) else "zscore"
+        scale = t.decoder_lr_scale
+        if scale is None:
+            scale = PRETRAINED_DECODER_LR_SCALE if weights is not None else 1.0
+        return dataclasses.replace(
+            self, model=dataclasses.replace(m, pretrained_checkpoint=weights),
+            data=dataclasses.replace(d, normalization=normalization),
+            train=dataclasses.replace(t, decoder_lr_scale=scale))
+
     def validate(self) -> list[str]:
         """Raise ConfigError listing every impossible setting; return warnings for risky ones."""
         problems: list[str] = []
@@ -192,8 +242,9 @@ class Config:
                 problems.append(f"--{name} must be >= 1, got {value}")
         if t.max_steps_per_epoch is not None and t.max_steps_per_epoch < 1:
             problems.append(f"--max_steps_per_epoch must be >= 1, got {t.max_steps_per_epoch}")
-        if not t.lr > 0:
-            problems.append(f"--lr must be > 0, got {t.lr}")
+        for name, value in (("lr", t.lr), ("decoder_lr_scale", t.decoder_lr_scale), ("scratch_lr", t.scratch_lr)):
+            if value is None or not value > 0:
+                problems.append(f"--{name} must be > 0, got {value}")
         for name, value in (("weight_decay", t.weight_decay), ("max_grad_norm", t.max_grad_norm),
                             ("ich_loss_weight", t.ich_loss_weight), ("warmup_epochs", t.warmup_epochs),
                             ("save_every", t.save_every), ("keep_checkpoints", t.keep_checkpoints)):
@@ -212,9 +263,14 @@ class Config:
                 problems.append(f"--{name} values must be > 0 mm, got {' '.join(map(str, spacing))}")
         if not d.hu_window[0] < d.hu_window[1]:
             problems.append(f"--hu_window needs low < high, got {d.hu_window[0]} {d.hu_window[1]}")
-        if m.pretrained_checkpoint not in (None, "turbo") and not Path(m.pretrained_checkpoint).is_file():
+        if m.pretrained_checkpoint not in (None, "turbo", "auto") and not Path(m.pretrained_checkpoint).is_file():
             problems.append(f"--pretrained_checkpoint {m.pretrained_checkpoint}: file not found "
-                            "(pass a local .pth path or 'turbo')")
+                            "(pass a local .pth path, 'turbo', or 'none' to train from scratch)")
+        if m.freeze_encoder and m.pretrained_checkpoint is None:
+            problems.append("--freeze_encoder needs pretrained weights: without them it would freeze (and export) a "
+                            "randomly initialised encoder; drop --pretrained_checkpoint none or --freeze_encoder")
+        if d.normalization == "auto":
+            problems.append("--normalization auto must be resolved first (Config.resolve_defaults)")
         if t.resume not in (None, "auto") and not Path(t.resume).is_file():
             problems.append(f"--resume {t.resume}: file not found (pass a checkpoint path or 'auto')")
         if problems:
@@ -230,11 +286,12 @@ class Config:
                             "fine-tuning; consider a smaller --gradient_accumulation_steps")
         if t.lr > 1e-3:
             warnings.append(f"--lr {t.lr} is high for fine-tuning a pretrained model (typical: 1e-5 .. 2e-4)")
-        if m.freeze_encoder and m.pretrained_checkpoint is None:
-            warnings.append("--freeze_encoder without --pretrained_checkpoint freezes a randomly initialised "
-                            "encoder; the segmentation will be poor")
         if m.name == "sam_med3d_turbo" and m.pretrained_checkpoint is None and not self.test:
-            warnings.append("training sam_med3d_turbo from scratch: pass --pretrained_checkpoint to fine-tune")
+            warnings.append("training sam_med3d_turbo from scratch (--pretrained_checkpoint none): 100M parameters "
+                            "without the published weights need far more data than fine-tuning")
+        if d.normalization == "sam_med3d" and tuple(d.hu_window) != DataConfig().hu_window:
+            warnings.append("--hu_window is not used by --normalization sam_med3d (it clamps to -1000..1000 HU, as "
+                            "SAM-Med3D was pretrained)")
         if t.scheduler_type == "cosine" and t.warmup_epochs >= t.epochs:
             warnings.append(f"--warmup_epochs {t.warmup_epochs} >= --epochs {t.epochs}: the run never leaves warm-up")
         return warnings
@@ -264,7 +321,7 @@ def _add_field_argument(group: argparse._ArgumentGroup, section: str, f: datacla
     meta = f.metadata
     flag = "--" + (meta.get("flag") or f.name)
     dest = f"{section}.{f.name}"
-    default = f.default
+    default = f.default if meta.get("cli_default", dataclasses.MISSING) is dataclasses.MISSING else meta["cli_default"]
     kwargs: dict[str, Any] = {"dest": dest, "default": default, "help": meta["help"]}
     if meta.get("choices"):
         kwargs["choices"] = meta["choices"]
@@ -283,7 +340,8 @@ def _add_field_argument(group: argparse._ArgumentGroup, section: str, f: datacla
     else:
         scalar = base[0] if base else str
         kwargs["type"] = scalar
-        kwargs["help"] += f" (default: {default})"
+        if default is not None:
+            kwargs["help"] += f" (default: {default})"
     group.add_argument(flag, **kwargs)
 
 
@@ -315,7 +373,7 @@ def build_config(argv: Sequence[str] | None = None) -> tuple[Config, list[str]]:
         values = {key[len(prefix):]: value for key, value in namespace.items() if key.startswith(prefix)}
         values = {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
         sections[section.name] = section.type_(**values)
-    config = Config(**sections, test=namespace["test"])
+    config = Config(**sections, test=namespace["test"]).resolve_defaults()
     return config, config.validate()
 
 

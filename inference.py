@@ -1,19 +1,30 @@
 """Whole-volume inference with a SAM-Med3D model, shared by validation (trainer.py) and predict.py.
 
 A preprocessed volume of any size is segmented prompt-free by MONAI sliding-window inference over windows of the
-model's input size. A click refines the window centred on it: that window is re-segmented with the click as a
-point prompt and pasted over the prompt-free result, which is how a user's click acts in an interactive viewer.
+model's input size. Clicks then refine that answer the way SAM is used interactively: for each click the window
+centred on it is decoded with the click (and every earlier click inside the window) as point prompts and the
+current prediction of the window as the mask prompt, and the new logits replace the old ones only on the part of
+the prediction the click is about (the connected region of old-or-new foreground at the click), so a click on one
+focus of a multifocal bleed leaves the other foci as they were.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
+from scipy import ndimage
 
 SLIDING_WINDOW_OVERLAP = 0.25
+# Mask prompts are clamped to this logit range: the refiner can push logits far beyond what the decoder itself
+# produces (and its mask-downscaling convs saw in pretraining); past ±20 the probability is 0 or 1 anyway.
+MASK_PROMPT_LOGIT_LIMIT = 20.0
+# A click decides about the connected foreground (old or new prediction) within this many voxels of it.
+CLICK_REACH_VOXELS = 2
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -48,65 +59,105 @@ def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, roi_size:
     return torch.as_tensor(logits).float()
 
 
-def _window_start(center: int, size: int, roi: int) -> int:
-    return int(min(max(center - roi // 2, 0), max(size - roi, 0)))
+@dataclass(frozen=True)
+class Click:
+    """A click at voxel ``point`` (d, h, w) of the preprocessed volume: on hemorrhage (positive) or not."""
+
+    point: tuple[float, float, float]
+    positive: bool
+
+
+def mask_prompt_from_logits(logits: torch.Tensor, mask_size: int) -> torch.Tensor:
+    """Full-resolution logits B×1×S³ -> the decoder's mask prompt B×1×L³ (area average, clamped).
+
+    The one conversion used by training's click rounds and by interactive inference, so the decoder always sees
+    its current answer the same way.
+    """
+    low = F.adaptive_avg_pool3d(logits.float(), mask_size)
+    return low.clamp(-MASK_PROMPT_LOGIT_LIMIT, MASK_PROMPT_LOGIT_LIMIT)
+
+
+def _window_start(center: float, size: int, roi: int) -> int:
+    return int(min(max(round(center) - roi // 2, 0), max(size - roi, 0)))
+
+
+def _region_of_click(old: np.ndarray, new: np.ndarray, local: Sequence[float]) -> np.ndarray:
+    """The voxels a click decides about: the connected components of old-or-new foreground that come within
+    CLICK_REACH_VOXELS of it (empty when neither prediction has foreground there)."""
+    union = old | new
+    components, count = ndimage.label(union)
+    if count == 0:
+        return np.zeros_like(union)
+    near = tuple(slice(max(int(round(c)) - CLICK_REACH_VOXELS, 0), int(round(c)) + CLICK_REACH_VOXELS + 1)
+                 for c in local)
+    touched = np.unique(components[near])
+    return np.isin(components, touched[touched > 0])
 
 
 @torch.no_grad()
-def click_refined_logits(model: torch.nn.Module, image: torch.Tensor, logits: torch.Tensor,
-                         points: Sequence[Sequence[float]], labels: Sequence[int], roi_size: int,
-                         amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Re-segment the window around the clicks with them as prompts and paste it over ``logits``.
+def apply_clicks(model: torch.nn.Module, image: torch.Tensor, logits: torch.Tensor, clicks: Sequence[Click],
+                 roi_size: int, amp_dtype: torch.dtype | None = None, earlier: Sequence[Click] = ()) -> torch.Tensor:
+    """Refine whole-volume ``logits`` with ``clicks``, applied one after another (module docstring).
 
     Args:
+        model: a SamMed3D (``mask_size`` L, input size ``roi_size``).
         image: 1×1×D×H×W preprocessed volume.
-        logits: 1×1×D×H×W prompt-free logits of the same volume (not modified).
-        points: clicks as (d, h, w) voxel coordinates of ``image``; the window is centred on their mean.
-        labels: 1 for a click on hemorrhage, 0 for a click on background.
+        logits: 1×1×D×H×W current logits of the same volume (not modified), e.g. sliding_window_logits.
+        clicks: in voxel coordinates of ``image``; every coordinate within [0, size - 1].
+        earlier: clicks of the same session already applied to ``logits``; they are prompts again wherever they
+            fall into a new click's window, as in SAM's interactive loop.
     Returns:
         1×1×D×H×W float32 logits.
     """
-    if len(points) == 0:
+    spatial = tuple(image.shape[2:])
+    session = [*earlier, *clicks]
+    for click in session:
+        if any(not 0 <= c <= n - 1 for c, n in zip(click.point, spatial)):
+            raise ValueError(f"click {tuple(click.point)} lies outside the volume of shape {spatial}")
+    if not clicks:
         return logits.clone()
-    if len(points) != len(labels):
-        raise ValueError(f"{len(points)} points but {len(labels)} labels")
-    spatial = image.shape[2:]
-    # Pad small volumes up to one window so every click has a full-size window around it; like the training
-    # crops, padding is the volume's minimum (air), not 0 (average tissue after z-scoring).
+    # Small volumes are padded to one window: the image with air (its minimum, as the training crops), the
+    # logits with a confident "no hemorrhage".
     pad = [max(roi_size - s, 0) for s in spatial]
-    padded = F.pad(image, [0, pad[2], 0, pad[1], 0, pad[0]], value=float(image.min()))
-    coords = torch.as_tensor(points, dtype=torch.float32)
-    for axis, size in enumerate(spatial):
-        if (coords[:, axis] < 0).any() or (coords[:, axis] > size - 1).any():
-            raise ValueError(f"click {coords.tolist()} lies outside the volume of shape {tuple(spatial)}")
-    center = coords.mean(dim=0).round().long().tolist()
-    starts = [_window_start(c, padded.shape[2 + axis], roi_size) for axis, c in enumerate(center)]
-    window = padded[:, :, starts[0]:starts[0] + roi_size, starts[1]:starts[1] + roi_size,
-                    starts[2]:starts[2] + roi_size]
-    local_points = (coords - torch.tensor(starts, dtype=torch.float32))[None].to(image.device)
-    local_labels = torch.as_tensor(labels, dtype=torch.long)[None].to(image.device)
-    with autocast_context(image.device, amp_dtype):
-        window_logits = model(window, points=local_points, point_labels=local_labels)["masks"].float()
-    refined = F.pad(logits.clone(), [0, pad[2], 0, pad[1], 0, pad[0]], value=0.0)
-    refined[:, :, starts[0]:starts[0] + roi_size, starts[1]:starts[1] + roi_size,
-            starts[2]:starts[2] + roi_size] = window_logits
-    return refined[:, :, :spatial[0], :spatial[1], :spatial[2]]
+    padding = [0, pad[2], 0, pad[1], 0, pad[0]]
+    padded = F.pad(image, padding, value=float(image.min()))
+    state = F.pad(logits.float(), padding, value=-MASK_PROMPT_LOGIT_LIMIT)
+    mask_size = int(model.mask_size)
+    for index in range(len(earlier), len(session)):
+        click = session[index]
+        starts = [_window_start(c, padded.shape[2 + axis], roi_size) for axis, c in enumerate(click.point)]
+        box = (slice(None), slice(None)) + tuple(slice(s, s + roi_size) for s in starts)
+        # SAM accumulates the clicks of a session: every earlier click that falls into this window is a prompt too.
+        inside = [c for c in session[:index + 1]
+                  if all(s <= p < s + roi_size for p, s in zip(c.point, starts))]
+        points = torch.tensor([[p - s for p, s in zip(c.point, starts)] for c in inside], dtype=torch.float32)
+        labels = torch.tensor([int(c.positive) for c in inside], dtype=torch.long)
+        current = state[box]
+        with autocast_context(image.device, amp_dtype):
+            new = model(padded[box], points=points[None].to(image.device), point_labels=labels[None].to(image.device),
+                        mask_prompt=mask_prompt_from_logits(current, mask_size))["masks"].float()
+        local = [p - s for p, s in zip(click.point, starts)]
+        region = _region_of_click((current[0, 0] > 0).cpu().numpy(), (new[0, 0] > 0).cpu().numpy(), local)
+        region_t = torch.from_numpy(region).to(state.device)[None, None]
+        state[box] = torch.where(region_t, new, current)
+    return state[:, :, :spatial[0], :spatial[1], :spatial[2]].clone()
 
 
-def interior_point(mask: torch.Tensor) -> tuple[int, int, int] | None:
-    """A deterministic click inside ``mask`` (D×H×W): the foreground voxel deepest inside the largest blob.
+def next_click(prediction: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor) -> Click | None:
+    """The deterministic simulated click of validation: the voxel deepest inside the largest error region.
 
-    Used for the validation "1-click" score so it is reproducible; None for an empty mask.
+    prediction, truth: D×H×W (any type, > 0 is foreground). The click is positive on missed hemorrhage (false
+    negative) and negative on a false positive; None when the prediction is already perfect.
     """
-    from scipy import ndimage  # scipy is a MONAI dependency; imported here to keep module import light
-
-    array = mask.detach().cpu().numpy() > 0
-    if not array.any():
+    pred = np.asarray(torch.as_tensor(prediction).detach().cpu() > 0)
+    gt = np.asarray(torch.as_tensor(truth).detach().cpu() > 0)
+    errors = pred ^ gt
+    if not errors.any():
         return None
-    components, count = ndimage.label(array)
-    if count > 1:
-        sizes = ndimage.sum(array, components, index=range(1, count + 1))
-        array = components == (int(sizes.argmax()) + 1)
-    depth = ndimage.distance_transform_edt(array)
-    index = int(depth.argmax())
-    return tuple(int(i) for i in torch.unravel_index(torch.tensor(index), array.shape))
+    components, count = ndimage.label(errors)
+    sizes = np.bincount(components.ravel())[1:]
+    largest = components == int(sizes.argmax()) + 1
+    # Deepest voxel: distances to the region's border, with the volume's edge counted as border too.
+    depth = ndimage.distance_transform_edt(np.pad(largest, 1))[1:-1, 1:-1, 1:-1]
+    point = np.unravel_index(int(depth.argmax()), depth.shape)
+    return Click(point=tuple(float(p) for p in point), positive=bool(gt[point]))

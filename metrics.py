@@ -82,8 +82,9 @@ def summarize(rows: Sequence[dict[str, float]],
               detection_threshold_ml: float = DEFAULT_DETECTION_THRESHOLD_ML) -> dict[str, float]:
     """Cohort summary of per-scan rows from ``segmentation_metrics``.
 
-    Returns mean Dice over all scans and over ICH-positive scans, mean HD95, mean absolute volume error and
-    scan-level detection sensitivity/specificity (NaN where a group is empty).
+    Returns mean Dice over all scans and over ICH-positive scans, mean HD95, mean absolute volume error, the mean
+    predicted volume on ICH-negative scans (false-positive mL) and scan-level detection sensitivity/specificity
+    (NaN where a group is empty).
     """
     positives = [r for r in rows if r["volume_true_ml"] > 0]
     negatives = [r for r in rows if r["volume_true_ml"] == 0]
@@ -95,6 +96,7 @@ def summarize(rows: Sequence[dict[str, float]],
         "dice_positive": _nanmean(r["dice"] for r in positives),
         "hd95_mm": _nanmean(r["hd95_mm"] for r in rows),
         "volume_abs_error_ml": _nanmean(abs(r["volume_error_ml"]) for r in rows),
+        "negative_fp_ml": _nanmean(r["volume_pred_ml"] for r in negatives),
         "sensitivity": float(np.mean(detected)) if detected else math.nan,
         "specificity": float(np.mean(cleared)) if cleared else math.nan,
     }

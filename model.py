@@ -9,13 +9,14 @@ The architecture lives in ``modeling/`` (one component per file). This module ho
   ``module.`` prefixes are stripped; the alias ``turbo`` resolves through the Hugging Face cache.
 - ``export_encoder`` / ``load_sam_encoder`` / ``load_representation_head``: the BLIP-2 file (``modeling/export.py``).
 
-Representation head and the published file: SAM-Med3D checkpoints have no ``representation_head.*`` keys (the head
-is new in this project). When the source is such a file, every published key must match image_encoder,
-prompt_encoder and mask_decoder exactly and the head is reported as initialised fresh; this project's own
-checkpoints (they carry ``config``) must match everything, head included.
+Project modules and the published file: SAM-Med3D checkpoints have no ``representation_head.*`` or ``refiner.*``
+keys (both are new in this project). When the source is such a file, every published key must match image_encoder,
+prompt_encoder and mask_decoder exactly and those modules are reported as initialised fresh; this project's own
+checkpoints (they carry ``config``) must match everything, head and refiner included.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from modeling.export import (EXPORT_FORMAT_VERSION, SamVisualEncoder, export_enc
 from modeling.image_encoder import ImageEncoderViT3D
 from modeling.mask_decoder import MaskDecoder3D
 from modeling.prompt_encoder import PromptEncoder3D
+from modeling.refiner import MaskRefiner3D
 from modeling.representation_head import RepresentationHead
 from modeling.sam_med3d import SamMed3D
 
@@ -69,7 +71,8 @@ CHECKPOINT_ALIASES: dict[str, HubFile] = {
 }
 # Seconds to wait for the Hub's metadata request; an unreachable Hub must fail promptly, not hang a run.
 HUB_TIMEOUT_S = 10.0
-REPRESENTATION_HEAD_PREFIX = "representation_head."
+# Modules this project adds to SAM-Med3D: a published file has none of their keys, so they start fresh.
+PROJECT_MODULES = ("representation_head", "refiner")
 
 
 class CheckpointUnavailableError(CheckpointError):
@@ -83,13 +86,14 @@ class CheckpointUnavailableError(CheckpointError):
 def _build_sam_med3d(*, img_size: int, patch_size: int, encoder_embed_dim: int, encoder_depth: int,
                      encoder_num_heads: int, encoder_window_size: int, encoder_global_attn_indexes: tuple[int, ...],
                      prompt_embed_dim: int, decoder_depth: int, decoder_num_heads: int, decoder_mlp_dim: int,
-                     iou_head_hidden_dim: int, visual_tokens: int) -> SamMed3D:
+                     iou_head_hidden_dim: int, visual_tokens: int, refiner: bool) -> SamMed3D:
     """Wire the four parts together; the constants shared by every variant are the SAM(-Med3D) conventions."""
     mlp_ratio = 4.0                 # encoder MLP width = 4 × embed dim
     mask_in_chans = 16              # hidden channels of the mask-prompt downscaling convs
     num_multimask_outputs = 3       # plus one single-mask output
     iou_head_depth = 3
     attention_downsample_rate = 2   # cross attention runs at half the decoder width
+    refiner_channels = 16           # width of the high-resolution refinement path (modeling/refiner.py)
     if visual_tokens < 1:
         raise ValueError(f"visual_tokens must be a positive integer, got {visual_tokens}")
     image_encoder = ImageEncoderViT3D(
@@ -104,27 +108,28 @@ def _build_sam_med3d(*, img_size: int, patch_size: int, encoder_embed_dim: int, 
                                  attention_downsample_rate=attention_downsample_rate)
     # Sized from the encoder as built, so another encoder variant gets a matching head without edits.
     representation_head = RepresentationHead.for_encoder(image_encoder, visual_tokens)
-    return SamMed3D(image_encoder, prompt_encoder, mask_decoder, representation_head)
+    return SamMed3D(image_encoder, prompt_encoder, mask_decoder, representation_head,
+                    MaskRefiner3D(refiner_channels) if refiner else None)
 
 
-def build_sam_med3d_turbo(visual_tokens: int = 256) -> SamMed3D:
+def build_sam_med3d_turbo(visual_tokens: int = 256, refiner: bool = True) -> SamMed3D:
     """SAM-Med3D-turbo (upstream registry name ``vit_b_ori``): ViT-B on 128³ volumes, 8³ tokens, width 384 after
     the neck. Loads the published ``sam_med3d_turbo.pth`` with strict=True."""
     return _build_sam_med3d(
         img_size=128, patch_size=16, encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
         encoder_window_size=14, encoder_global_attn_indexes=(2, 5, 8, 11), prompt_embed_dim=384,
         decoder_depth=2, decoder_num_heads=8, decoder_mlp_dim=2048, iou_head_hidden_dim=256,
-        visual_tokens=visual_tokens)
+        visual_tokens=visual_tokens, refiner=refiner)
 
 
-def build_tiny(visual_tokens: int = 256) -> SamMed3D:
+def build_tiny(visual_tokens: int = 256, refiner: bool = True) -> SamMed3D:
     """Same code at toy size for tests and ``train.py --test``: 64³ input, patch 8 (so still an 8³ token grid),
     width 64, one window block (window 12 > grid 8, so the zero-padding path runs) and one global block."""
     return _build_sam_med3d(
         img_size=64, patch_size=8, encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4,
         encoder_window_size=12, encoder_global_attn_indexes=(1,), prompt_embed_dim=48,
         decoder_depth=2, decoder_num_heads=4, decoder_mlp_dim=192, iou_head_hidden_dim=64,
-        visual_tokens=visual_tokens)
+        visual_tokens=visual_tokens, refiner=refiner)
 
 
 MODEL_REGISTRY: dict[str, Callable[..., SamMed3D]] = {
@@ -139,7 +144,7 @@ def build_model(config: ModelConfig) -> SamMed3D:
     builder = MODEL_REGISTRY.get(config.name)
     if builder is None:
         raise ValueError(f"unknown model {config.name!r}; choose one of {', '.join(sorted(MODEL_REGISTRY))}")
-    model = builder(visual_tokens=config.visual_tokens)
+    model = builder(visual_tokens=config.visual_tokens, refiner=config.mask_refiner)
     if config.pretrained_checkpoint:
         load_pretrained(model, config.pretrained_checkpoint, strict=True)
     model.set_gradient_checkpointing(config.use_gradient_checkpointing)
@@ -177,6 +182,7 @@ class LoadReport:
     loaded_tensors: int
     initialised_fresh: tuple[str, ...] = ()
     skipped: str = ""
+    sha256: str = ""
 
 
 def resolve_checkpoint(path_or_alias: str | Path) -> Path:
@@ -255,9 +261,11 @@ def load_pretrained(model: nn.Module, path_or_alias: str | Path, strict: bool = 
 
     expected = target.state_dict()
     fresh: tuple[str, ...] = ()
-    if layout != "project" and not any(k.startswith(REPRESENTATION_HEAD_PREFIX) for k in state_dict):
-        expected = {k: v for k, v in expected.items() if not k.startswith(REPRESENTATION_HEAD_PREFIX)}
-        fresh = ("representation_head",) if len(expected) < len(target.state_dict()) else ()
+    if layout != "project":
+        fresh = tuple(name for name in PROJECT_MODULES
+                      if any(k.startswith(f"{name}.") for k in expected)
+                      and not any(k.startswith(f"{name}.") for k in state_dict))
+        expected = {k: v for k, v in expected.items() if k.split(".", 1)[0] not in fresh}
 
     diff = diff_state_dicts(state_dict, expected)
     skipped = ""
@@ -273,11 +281,21 @@ def load_pretrained(model: nn.Module, path_or_alias: str | Path, strict: bool = 
     result = target.load_state_dict(loadable, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys  # filtered above
 
-    logger.info("loaded %d tensors from %s (%s layout)", len(loadable), path, layout)
-    if fresh:
-        count = sum(p.numel() for p in target.representation_head.parameters())
-        logger.info("representation_head: initialised fresh (%s parameters): the file is a SAM-Med3D checkpoint, "
-                    "which has none", f"{count:,}")
+    digest = file_sha256(path)
+    logger.info("loaded %d tensors from %s (%s layout, sha256 %s)", len(loadable), path, layout, digest)
+    for name in fresh:
+        count = sum(p.numel() for p in getattr(target, name).parameters())
+        logger.info("%s: initialised fresh (%s parameters): the file is a SAM-Med3D checkpoint, which has none",
+                    name, f"{count:,}")
     return LoadReport(path=str(path), layout=layout, loaded_tensors=len(loadable), initialised_fresh=fresh,
-                      skipped=skipped)
+                      skipped=skipped, sha256=digest)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 16 MiB chunks (the turbo file is ~400 MB): names the exact weights in logs."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(16 * 2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 

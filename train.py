@@ -49,7 +49,7 @@ def run_training(config, config_warnings: Sequence[str] = ()) -> tuple[int, dict
     import tracking
     import utils
     from config import replace_section
-    from model import CheckpointError, build_model
+    from model import CheckpointError, CheckpointUnavailableError, build_model, resolve_checkpoint
     from trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
     rank, world_size, device = init_distributed(config.train.device)
@@ -66,6 +66,13 @@ def run_training(config, config_warnings: Sequence[str] = ()) -> tuple[int, dict
             config.save(output_dir / "config.json")
         device = device or utils.resolve_device(config.train.device)
         utils.seed_everything(config.train.seed)
+        if config.model.pretrained_checkpoint is not None:
+            # Before any data work: weights that cannot be had (offline, not cached) end the run at once.
+            try:
+                resolve_checkpoint(config.model.pretrained_checkpoint)
+            except CheckpointUnavailableError as error:
+                logger.error("%s", error)
+                return EXIT_USAGE, None
 
         try:
             cohort = dataloader.validate_cohort(config.data)

@@ -462,38 +462,55 @@ def format_duration(seconds: float) -> str:
 
 
 class EtaEstimator:
-    """Time left from the mean duration of the last ``window`` epochs.
+    """Time left from the mean duration of the last ``window`` training epochs and validations.
 
     A moving window rather than the all-time mean: the first epoch is usually slow (cache filling, kernel
-    warm-up) and should stop mattering after a few epochs.
+    warm-up) and should stop mattering after a few epochs. Validation is timed on its own because it can cost
+    more than the training epoch (whole volumes, simulated clicks) and need not run every epoch.
     """
 
     def __init__(self, window: int = 5) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self._durations: collections.deque[float] = collections.deque(maxlen=window)
+        self._validations: collections.deque[float] = collections.deque(maxlen=window)
 
-    def update(self, epoch_seconds: float) -> None:
-        """Record how long the epoch that just ended took."""
-        if not math.isfinite(epoch_seconds) or epoch_seconds < 0:
-            raise ValueError(f"epoch duration must be finite and >= 0 s, got {epoch_seconds!r}")
-        self._durations.append(float(epoch_seconds))
+    @staticmethod
+    def _checked(seconds: float, what: str) -> float:
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"{what} duration must be finite and >= 0 s, got {seconds!r}")
+        return float(seconds)
+
+    def update(self, epoch_seconds: float, validation_seconds: float | None = None) -> None:
+        """Record how long the training epoch that just ended took, and its validation when it had one."""
+        self._durations.append(self._checked(epoch_seconds, "epoch"))
+        if validation_seconds is not None:
+            self._validations.append(self._checked(validation_seconds, "validation"))
 
     @property
     def average_epoch_seconds(self) -> float | None:
-        """Mean duration of the recorded window, or None before the first update."""
+        """Mean training-epoch duration of the recorded window, or None before the first update."""
         if not self._durations:
             return None
         return sum(self._durations) / len(self._durations)
 
-    def eta_seconds(self, remaining_epochs: int) -> float | None:
-        """Estimated seconds for ``remaining_epochs`` more epochs; None until one epoch was recorded."""
-        if remaining_epochs < 0:
-            raise ValueError(f"remaining_epochs must be >= 0, got {remaining_epochs}")
+    @property
+    def average_validation_seconds(self) -> float | None:
+        """Mean validation duration of the recorded window, or None before the first validation."""
+        if not self._validations:
+            return None
+        return sum(self._validations) / len(self._validations)
+
+    def eta_seconds(self, remaining_epochs: int, remaining_validations: int = 0) -> float | None:
+        """Estimated seconds for ``remaining_epochs`` more epochs, ``remaining_validations`` of them validated;
+        None until one epoch was recorded."""
+        if remaining_epochs < 0 or remaining_validations < 0:
+            raise ValueError(f"remaining epochs and validations must be >= 0, got {remaining_epochs} and "
+                             f"{remaining_validations}")
         average = self.average_epoch_seconds
         if average is None:
             return None
-        return average * remaining_epochs
+        return average * remaining_epochs + (self.average_validation_seconds or 0.0) * remaining_validations
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -774,7 +791,8 @@ class MetricsCsvLogger:
 # (panel title, y-label, [(history key, legend label), ...])
 LEARNING_CURVE_PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
     ("Loss", "loss", (("train_loss", "train"), ("val_loss", "validation"))),
-    ("Validation Dice", "Dice", (("val_dice", "prompt-free"), ("val_dice_1click", "1 click"))),
+    ("Validation Dice", "Dice", (("val_dice", "prompt-free"), ("val_dice_1click", "1 click"),
+                                  ("val_dice_3click", "3 clicks"), ("val_dice_5click", "5 clicks"))),
     ("Learning rate", "lr", (("lr", "lr"),)),
 )
 

@@ -92,3 +92,13 @@ def check_mask_prompt(mask_prompt: object, batch_size: int, size: int) -> None:
             or mask_prompt.shape[1] != 1 or tuple(mask_prompt.shape[2:]) != (size, size, size) \
             or not mask_prompt.is_floating_point():
         raise ValueError(f"mask_prompt: expected {expected}, got {_describe(mask_prompt)}")
+
+
+def check_refiner_image(image: object, batch_size: int, img_size: int) -> None:
+    """Require the B×1×S×S×S input volume the features came from (the refiner reads it at full resolution)."""
+    s = img_size
+    if not isinstance(image, torch.Tensor) or tuple(image.shape) != (batch_size, 1, s, s, s) \
+            or not image.is_floating_point():
+        raise ValueError(f"image: the model refines masks at full resolution and needs the {batch_size}×1×{s}×{s}×{s} "
+                         f"input volume the features were computed from (decode(..., image=images)), got "
+                         f"{_describe(image) if image is not None else None}")

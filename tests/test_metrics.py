@@ -7,7 +7,7 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 
 import metrics
-from inference import click_refined_logits, interior_point, sliding_window_logits
+from inference import Click, apply_clicks, next_click, sliding_window_logits
 
 
 def _blob(shape, center, radius):
@@ -56,15 +56,25 @@ def test_summary_detection_rates():
 
 
 class _ThresholdModel(torch.nn.Module):
-    """Stands in for SamMed3D: logits = image − 0.5, and a click paints its whole window positive."""
+    """Stands in for SamMed3D: prompt-free logits = image − 0.5; with clicks it answers from the mask prompt and
+    the clicks alone: the mask prompt (upsampled) plus a 3³ blob painted positive/negative at each click."""
     img_size = 16
+    mask_size = 4
+
+    def __init__(self):
+        super().__init__()
+        self.mask_prompts = []
 
     def forward(self, images, points=None, point_labels=None, mask_prompt=None):
         if images.shape[2:] != (16, 16, 16):
             raise ValueError(f"window of shape {tuple(images.shape)}")
-        if points is not None:
-            return {"masks": torch.full_like(images, 5.0)}
-        return {"masks": images - 0.5}
+        if points is None:
+            return {"masks": images - 0.5}
+        self.mask_prompts.append(mask_prompt)
+        out = torch.nn.functional.interpolate(mask_prompt, size=(16, 16, 16), mode="nearest").clone()
+        for (d, h, w), label in zip(points[0].round().long().tolist(), point_labels[0].tolist()):
+            out[..., max(d - 1, 0):d + 2, max(h - 1, 0):h + 2, max(w - 1, 0):w + 2] = 5.0 if label == 1 else -5.0
+        return {"masks": out}
 
 
 def test_sliding_window_covers_volumes_of_any_size():
@@ -75,22 +85,54 @@ def test_sliding_window_covers_volumes_of_any_size():
     assert torch.equal(logits > 0, image > 0.5)
 
 
-def test_click_refines_only_its_window():
+def test_a_positive_click_adds_its_region_and_leaves_other_foci_alone():
     image = torch.zeros(1, 1, 40, 20, 20)
     logits = torch.full_like(image, -5.0)
-    refined = click_refined_logits(_ThresholdModel(), image, logits, [(30, 10, 10)], [1], roi_size=16)
+    logits[..., 22:26, 2:6, 2:6] = 5.0          # a focus inside the click's window, away from the click
+    logits[..., 2:5, 2:5, 2:5] = 5.0            # another focus outside it
+    model = _ThresholdModel()
+    refined = apply_clicks(model, image, logits, [Click((30, 10, 10), True)], roi_size=16)
     assert refined.shape == image.shape
-    # The window is centred on the click (30 - 16 // 2 = 22 along D, 10 - 8 = 2 along H and W).
-    expected = torch.zeros_like(image, dtype=torch.bool)
-    expected[:, :, 22:38, 2:18, 2:18] = True
-    assert torch.equal(refined > 0, expected)
+    expected = logits > 0
+    expected[..., 29:32, 9:12, 9:12] = True     # the click's blob is added ...
+    assert torch.equal(refined > 0, expected)  # ... and nothing else changes
+    # The decoder saw the current prediction of the window as its mask prompt (window starts at 22, 2, 2).
+    prompt = model.mask_prompts[-1]
+    assert prompt.shape == (1, 1, 4, 4, 4)
+    assert prompt[0, 0, 0, 0, 0] > 0 and prompt[0, 0, 3, 3, 3] < 0
     with pytest.raises(ValueError, match="outside the volume"):
-        click_refined_logits(_ThresholdModel(), image, logits, [(45, 1, 1)], [1], roi_size=16)
+        apply_clicks(model, image, logits, [Click((45, 1, 1), True)], roi_size=16)
 
 
-def test_interior_point_lies_deep_in_the_largest_blob():
-    mask = torch.zeros(30, 30, 30)
-    mask[2:5, 2:5, 2:5] = 1
-    mask[10:21, 10:21, 10:21] = 1
-    assert interior_point(mask) == (15, 15, 15)
-    assert interior_point(torch.zeros(4, 4, 4)) is None
+def test_a_negative_click_removes_only_the_false_positive_it_is_on():
+    image = torch.zeros(1, 1, 24, 24, 24)
+    logits = torch.full_like(image, -5.0)
+    logits[..., 10:13, 10:13, 10:13] = 5.0      # false positive, clicked
+    logits[..., 3:6, 3:6, 3:6] = 5.0            # true focus in the same window
+    refined = apply_clicks(_ThresholdModel(), image, logits, [Click((11, 11, 11), False)], roi_size=16)
+    expected = logits > 0
+    expected[..., 10:13, 10:13, 10:13] = False
+    assert torch.equal(refined > 0, expected)
+
+
+def test_earlier_clicks_are_prompts_again_but_not_reapplied():
+    image = torch.zeros(1, 1, 16, 16, 16)
+    logits = torch.full_like(image, -5.0)
+    model = _ThresholdModel()
+    first = Click((4, 4, 4), True)
+    once = apply_clicks(model, image, logits, [first], roi_size=16)
+    twice = apply_clicks(model, image, once, [Click((11, 11, 11), True)], roi_size=16, earlier=[first])
+    assert bool((twice[..., 4, 4, 4] > 0).all()) and bool((twice[..., 11, 11, 11] > 0).all())
+    assert len(model.mask_prompts) == 2  # one decoder call per new click
+
+
+def test_next_click_is_deep_in_the_largest_error_with_the_right_label():
+    truth = torch.zeros(30, 30, 30)
+    truth[10:21, 10:21, 10:21] = 1              # missed: the largest error
+    prediction = torch.zeros(30, 30, 30)
+    prediction[2:5, 2:5, 2:5] = 1               # a small false positive
+    click = next_click(prediction, truth)
+    assert click == Click((15.0, 15.0, 15.0), True)
+    prediction[10:21, 10:21, 10:21] = 1          # now only the false positive is wrong
+    assert next_click(prediction, truth) == Click((3.0, 3.0, 3.0), False)
+    assert next_click(truth, truth) is None

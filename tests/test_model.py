@@ -42,11 +42,12 @@ def published_layout() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def tiny_model(seed: int = 0, visual_tokens: int = 32) -> torch.nn.Module:
+def tiny_model(seed: int = 0, visual_tokens: int = 32, refiner: bool = False) -> torch.nn.Module:
     """A tiny model with non-trivial relative-position tables and qkv biases (zero-initialised upstream), so that
-    the padded-window keys and the rel-pos bias really influence the numbers the tests compare."""
+    the padded-window keys and the rel-pos bias really influence the numbers the tests compare. Without the mask
+    refiner unless asked: most tests here are about SAM-Med3D's own parts."""
     torch.manual_seed(seed)
-    model = build_tiny(visual_tokens=visual_tokens)
+    model = build_tiny(visual_tokens=visual_tokens, refiner=refiner)
     with torch.no_grad():
         for block in model.image_encoder.blocks:
             for table in (block.attn.rel_pos_d, block.attn.rel_pos_h, block.attn.rel_pos_w):
@@ -165,16 +166,17 @@ def test_turbo_state_dict_is_the_published_list_plus_the_representation_head():
     with torch.device("meta"):  # shapes only: no 400 MB allocation
         model = build_sam_med3d_turbo()
     state = model.state_dict()
-    sam_part = {k: tuple(v.shape) for k, v in state.items() if not k.startswith("representation_head.")}
+    sam_part = {k: tuple(v.shape) for k, v in state.items()
+                if not k.startswith(("representation_head.", "refiner."))}
     for part, count in TURBO_PARTS.items():
         assert sum(v.numel() for k, v in state.items() if k.startswith(part + ".")) == count, part
     assert sum(math.prod(s) for s in sam_part.values()) == TURBO_TOTAL
-    assert all(k.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder.", "representation_head."))
-               for k in state)
+    assert all(k.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder.", "representation_head.",
+                             "refiner.")) for k in state)
     assert list(sam_part.items()) == list(published_layout().items())
 
 
-def test_published_turbo_file_loads_strictly_and_reports_the_fresh_head(tmp_path, turbo):
+def test_published_turbo_file_loads_strictly_and_reports_the_fresh_modules(tmp_path, turbo):
     layout = published_layout()
     generator = torch.Generator().manual_seed(0)
     weights = {k: torch.randn(shape, generator=generator) for k, shape in layout.items()}
@@ -190,7 +192,8 @@ def test_published_turbo_file_loads_strictly_and_reports_the_fresh_head(tmp_path
 
     assert report.layout == "published"
     assert report.loaded_tensors == len(layout) == 324
-    assert report.initialised_fresh == ("representation_head",)
+    assert report.initialised_fresh == ("representation_head", "refiner")
+    assert len(report.sha256) == 64
     state = turbo.state_dict()
     assert all(torch.equal(state[k], v) for k, v in weights.items())
     assert all(torch.equal(state["representation_head." + k], v) for k, v in head_before.items())
@@ -397,6 +400,59 @@ def test_head_is_optional_only_for_sam_med3d_files(tmp_path):
     assert load_pretrained(target, published).initialised_fresh == ("representation_head",)
     with pytest.raises(CheckpointMismatchError, match="representation_head.proj.weight"):
         load_pretrained(target, save_own_checkpoint(source, tmp_path / "own_without_head.pth", sam_only))
+    with_refiner = tiny_model(seed=3, refiner=True)
+    assert load_pretrained(with_refiner, published).initialised_fresh == ("representation_head", "refiner")
+
+
+# ----------------------------------------------------------------- the pretrained prompt path and the refiner
+
+def test_no_mask_is_the_all_zero_mask_prompt_the_published_weights_learned():
+    """SAM-Med3D's training and inference never decode without a mask prompt: "no mask yet" is an all-zero low-res
+    mask through the mask-downscaling convs, so the published no_mask_embed is an untrained random vector. Prompt-free
+    and first-click decoding must therefore equal decoding with an explicit zero mask and ignore no_mask_embed.
+    (Checked once against uni-medical/SAM-Med3D f3de1fa: its prompt_encoder(points=None, boxes=None,
+    masks=zeros) + mask_decoder gives these logits for the same weights.)"""
+    model = tiny_model()
+    features = model.encode(volume()).detach()
+    points, labels = clicks()
+    zeros = torch.zeros(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        free = model.decode(features)["low_res_masks"]
+        first_click = model.decode(features, points, labels)["low_res_masks"]
+        assert torch.equal(free, model.decode(features, mask_prompt=zeros)["low_res_masks"])
+        assert torch.equal(first_click, model.decode(features, points, labels, mask_prompt=zeros)["low_res_masks"])
+        # The dense prompt the decoder got is the downscaled zero mask, not no_mask_embed.
+        _, dense = model.prompt_encoder(None, None, zeros, batch_size=2)
+        expected, _ = model.mask_decoder(features, model.prompt_encoder.get_dense_pe(),
+                                         features.new_zeros(2, 0, 48), dense)
+        assert torch.equal(free, expected[:, :1])
+        model.prompt_encoder.no_mask_embed.weight.normal_(0.0, 10.0)
+        assert torch.equal(free, model.decode(features)["low_res_masks"])
+
+
+def test_refiner_starts_as_the_identity_and_then_learns_from_the_image():
+    plain = tiny_model(seed=4)
+    refined = tiny_model(seed=4, refiner=True)
+    refined.load_state_dict({**refined.state_dict(), **plain.state_dict()})
+    images = volume()
+    points, labels = clicks()
+    with torch.no_grad():
+        for prompts in ((), (points, labels)):
+            assert torch.equal(plain(images, *prompts)["masks"], refined(images, *prompts)["masks"])
+    # The correction sees the image: after one step on a bright-blob batch the refined logits differ, and only
+    # the refiner's parameters and the decoder path receive gradient from the correction.
+    blobs, truth = bright_blobs(2, torch.Generator().manual_seed(5))
+    out = refined(blobs)
+    F.binary_cross_entropy_with_logits(out["masks"], truth).backward()
+    assert refined.refiner.unfold.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs the 2×1×64×64×64 input volume"):
+        refined.decode(refined.encode(images))
+
+
+def test_refiner_can_be_switched_off():
+    assert build_tiny(refiner=False).refiner is None
+    assert not any(k.startswith("refiner.") for k in build_tiny(refiner=False).state_dict())
+    assert build_model(ModelConfig(name="tiny", mask_refiner=False)).refiner is None
 
 
 class _Hostile:
@@ -640,7 +696,7 @@ def test_export_rejects_key_clashes_and_wrong_files(tmp_path):
 
 def test_tiny_learns_bright_blobs_prompt_free_and_with_clicks():
     torch.manual_seed(0)
-    model = build_tiny(visual_tokens=16)
+    model = build_tiny(visual_tokens=16, refiner=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(1)
     val_images, val_labels = bright_blobs(4, torch.Generator().manual_seed(123))

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from config import Config, replace_section
-from trainer import (EarlyStopping, SegmentationLoss, build_scheduler, choose_amp_dtype, cosine_warmup_factor,
-                     group_sizes, sample_clicks)
+from model import build_tiny
+from trainer import (EarlyStopping, PromptedSegmentation, SegmentationLoss, build_scheduler, choose_amp_dtype,
+                     cosine_warmup_factor, group_sizes, parameter_groups, sample_clicks)
 
 
 def _optimizer(lr=1.0):
@@ -49,6 +50,20 @@ def test_plateau_scheduler_keeps_rate_while_dice_improves():
     for dice in (0.1, 0.2, 0.3, 0.4, 0.5):
         scheduler.step(dice)
     assert optimizer.param_groups[0]["lr"] == 1.0
+
+
+def test_early_stopping_waits_for_learning_to_start():
+    stopper = EarlyStopping(patience=2)
+    for epoch in range(10):  # a cold start from scratch: Dice 0 for many validations
+        stopper.update(0.0, epoch)
+    assert not stopper.should_stop and stopper.best_epoch == 0
+    stopper.update(0.01, 10)  # below the learning threshold: still no count
+    stopper.update(0.0, 11)
+    assert not stopper.should_stop
+    assert stopper.update(0.4, 12)
+    stopper.update(0.3, 13)
+    stopper.update(0.35, 14)
+    assert stopper.should_stop and stopper.best_epoch == 12
 
 
 def test_early_stopping_counts_validations_without_improvement():
@@ -121,3 +136,59 @@ def test_loss_is_low_for_a_correct_prediction_and_ich_term_is_weighted():
 def test_amp_dtype_choice():
     assert choose_amp_dtype(torch.device("cpu"), False) is None
     assert choose_amp_dtype(torch.device("cpu"), True) is None  # CPU bf16 autocast is ~60x slower
+
+
+def _groups_by_name(config):
+    return {g["name"]: g for g in parameter_groups(build_tiny(), config)}
+
+
+def test_parameter_groups_follow_the_reference_ratio_and_cover_every_trainable_parameter():
+    config = replace_section(Config(), "train", lr=1e-4, decoder_lr_scale=0.1, scratch_lr=2e-3)
+    model = build_tiny()
+    groups = {g["name"]: g for g in parameter_groups(model, config)}
+    assert groups["encoder"]["lr"] == 1e-4
+    assert groups["decoder"]["lr"] == pytest.approx(1e-5)
+    assert groups["scratch"]["lr"] == 2e-3
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)].split(".")[0] for p in groups["decoder"]["params"]} == {"prompt_encoder", "mask_decoder"}
+    assert {names[id(p)].split(".")[0] for p in groups["scratch"]["params"]} == {"refiner", "representation_head"}
+    grouped = [id(p) for g in groups.values() for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters()) and len(set(grouped)) == len(grouped)
+    model.set_encoder_frozen(True)
+    assert [g["name"] for g in parameter_groups(model, config)] == ["decoder", "scratch"]
+
+
+def test_schedules_scale_every_group_by_the_same_factor():
+    config = replace_section(Config(), "train", scheduler_type="step", step_size=1, lr_decay_factor=0.5, lr=1e-3,
+                             decoder_lr_scale=0.1)
+    optimizer = torch.optim.AdamW(parameter_groups(build_tiny(), config))
+    scheduler = build_scheduler(optimizer, config)
+    optimizer.step()
+    scheduler.step()
+    rates = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert rates["encoder"] == pytest.approx(5e-4) and rates["decoder"] == pytest.approx(5e-5)
+
+
+def test_click_rounds_start_prompt_free_and_feed_back_the_current_answer():
+    torch.manual_seed(0)
+    model = build_tiny(refiner=False)
+    seen = []
+    decode = model.decode
+
+    def spy(features, points=None, point_labels=None, mask_prompt=None, **kwargs):
+        seen.append((None if points is None else points.shape[1], mask_prompt))
+        return decode(features, points, point_labels, mask_prompt, **kwargs)
+
+    model.decode = spy
+    images = torch.randn(2, 1, 64, 64, 64)
+    labels = torch.zeros(2, 1, 64, 64, 64)
+    labels[:, :, 20:30, 20:30, 20:30] = 1
+    out = PromptedSegmentation(model)(images, labels, 2, torch.Generator().manual_seed(0))
+    assert len(out["masks"]) == 3
+    # Round 0: no points, no mask (decoded as the zero mask); then 1 and 2 accumulated clicks, each with the
+    # previous round's answer as the mask prompt (B×1×32³, the inference conversion of its logits).
+    assert [n for n, _ in seen] == [None, 1, 2]
+    assert seen[0][1] is None
+    for (_, prompt), previous in zip(seen[1:], out["masks"][:-1]):
+        expected = torch.nn.functional.adaptive_avg_pool3d(previous.detach(), 32).clamp(-20, 20)
+        assert torch.equal(prompt, expected)

@@ -301,6 +301,17 @@ def test_eta_estimator_uses_moving_window():
         utils.EtaEstimator(window=0)
 
 
+def test_eta_counts_the_validations_still_to_come():
+    eta = utils.EtaEstimator(window=3)
+    eta.update(10.0, validation_seconds=30.0)   # validation costs more than training here
+    eta.update(10.0)                            # an epoch without validation
+    assert eta.average_validation_seconds == pytest.approx(30.0)
+    assert eta.eta_seconds(4, remaining_validations=2) == pytest.approx(4 * 10.0 + 2 * 30.0)
+    assert eta.eta_seconds(4) == pytest.approx(40.0)
+    with pytest.raises(ValueError):
+        eta.update(1.0, validation_seconds=-1.0)
+
+
 # --------------------------------------------------------------------------------------------------- memory monitor
 
 def test_memory_monitor_tracks_sampled_peak_on_cpu(monkeypatch):
