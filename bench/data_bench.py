@@ -2,13 +2,16 @@
 
 Reports, per volume: validation time, raw load time and preprocessing time (window + normalise + resample of the
 image, nearest resample of the mask); then the cached training throughput (crop + augmentation, volumes/s) over a
-few epochs, the whole-volume validation pass, and peak RSS (main process, and main + workers sampled).
+few epochs, the whole-volume validation pass, the crop sampler alone (pad + positive/negative crop from the RAM
+cache, augmentation off, in this process: crops/s) and peak RSS (main process, and main + workers sampled).
 
     python bench/data_bench.py --n_scans 8 --shape 512 512 30 --workers 1
+    python bench/data_bench.py --n_scans 12 --epochs 1 --crop_epochs 20    # the crop sampler before/after a change
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import resource
@@ -74,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3, help="Cached epochs to time (default: 3).")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: automatic).")
     parser.add_argument("--augmentation_prob", type=float, default=0.3, help="Augmentation probability (0.3).")
+    parser.add_argument("--crop_epochs", type=int, default=10,
+                        help="Epochs of crop sampling to time without augmentation (default 10; 0 skips it).")
     parser.add_argument("--no_memory_cache", action="store_true", help="Disk cache only (cache_in_memory off).")
     parser.add_argument("--out_dir", default=None, help="Work folder (default: a temporary folder, removed after).")
     parser.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
@@ -154,6 +159,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_val_volumes = sum(1 for _ in val)
             figures["val_volumes_per_s"] = n_val_volumes / (time.perf_counter() - started)
             del train, val
+
+            if args.crop_epochs > 0:
+                # The crop sampler alone: augmentation off, RAM cache, samples drawn in this process exactly as a
+                # DataLoader worker draws them (``dataset[(index, epoch)]`` reseeds from (seed, epoch, index)).
+                crop_config = dataclasses.replace(data_config, augmentation_prob=0.0, cache_in_memory=True)
+                crop_train, _ = D.build_dataloaders(crop_config, cohort, args.roi, args.batch_size,
+                                                    torch.device("cpu"), seed=args.seed)
+                dataset = crop_train.dataset
+                started = time.perf_counter()
+                for epoch in range(args.crop_epochs):
+                    for index in range(len(dataset)):
+                        dataset[(index, epoch)]
+                figures["crop_samples_per_s"] = args.crop_epochs * len(dataset) / (time.perf_counter() - started)
+                del crop_train, dataset
         figures["peak_rss_main_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         figures["peak_rss_main_plus_workers_mib"] = rss.peak / 2**20
     finally:
@@ -172,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  cached train crop+augment     {figures['train_volumes_per_s']:8.1f} volumes/s "
           f"(epochs: {', '.join(f'{s:.2f}' for s in figures['train_epoch_s'])} s)")
     print(f"  cached val whole volumes      {figures['val_volumes_per_s']:8.1f} volumes/s")
+    if "crop_samples_per_s" in figures:
+        print(f"  crop sampler (no augmentation){figures['crop_samples_per_s']:8.1f} crops/s "
+              f"({args.crop_epochs} epochs of {args.n_scans - max(1, args.n_scans // 4)} scans)")
     print(f"  peak RSS main / main+workers  {figures['peak_rss_main_mib']:.0f} / "
           f"{figures['peak_rss_main_plus_workers_mib']:.0f} MiB")
     if args.json:
