@@ -4,8 +4,8 @@
     python predict.py --checkpoint outputs/best_model.pth --input val.csv --mask_dir masks --output_dir eval
     python predict.py --checkpoint outputs/best_model.pth --input 049.pkl --points "250,260,14" --output_dir preds
 
-Preprocessing is read from the checkpoint's saved config (the exact training pipeline). Each scan gets a mask in its
-original grid (``049.pkl`` → ``049.nii.gz``), a row in ``predictions.csv`` and, on request, a probability map and a
+Preprocessing is read from the checkpoint (the exact training pipeline), and scans, masks, CSVs and spacing are read
+by the same functions training uses (``data.io``, ``data.cohort``). Each scan gets a mask in its original grid (``049.pkl`` → ``049.nii.gz``), a row in ``predictions.csv`` and, on request, a probability map and a
 PNG overlay. With ``--mask_dir`` the run also writes ``metrics.csv`` and ``volume_agreement.png``. A bad file is
 reported and skipped; the exit code is 1 when any scan failed.
 """
@@ -23,9 +23,14 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-logger = logging.getLogger("ichseg.predict")
+from config import Config
+from data.cohort import read_scan_csv
+from data.io import (IMAGE_SUFFIXES, MaskIndex, case_id_from_path, in_image_axes, is_image_file, load_image_file,
+                     load_mask_file, matching_axes, read_mask_header, resolve_spacing)
+from data.preprocess import Preprocessing, preprocess_image, resample_to_shape
+from data.records import Problem
 
-IMAGE_SUFFIXES = (".pkl", ".nii", ".nii.gz", ".npy", ".npz")
+logger = logging.getLogger("ichseg.predict")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="best_model.pth or latest_model.pth from train.py.")
     parser.add_argument("--input", required=True,
-                        help="A volume (.pkl, .nii, .nii.gz, .npy, .npz), a folder of them, or a CSV in the "
-                             "training format (path,ich,patient_id).")
+                        help=f"A volume ({', '.join(IMAGE_SUFFIXES)}), a folder of them, or a CSV in the "
+                             "training format (path,ich,patient_id; only path is required).")
     parser.add_argument("--output_dir", default="./predictions", help="Where masks and tables are written.")
     parser.add_argument("--mask_dir", default=None,
                         help="Ground-truth masks (training naming rule): enables evaluation (metrics.csv).")
@@ -103,49 +108,30 @@ def parse_points(text: str | None) -> tuple[list[tuple[float, float, float]], li
 
 
 def collect_inputs(input_path: Path) -> list[ScanInput]:
-    """A file, a folder of image files, or a CSV with a ``path`` column (relative paths from the CSV's folder)."""
+    """A file, a folder of image files, or a CSV read like the training CSVs (``read_scan_csv``: ``path`` column,
+    optional ``ich``; relative paths from the CSV's folder). Accepts exactly the file kinds training accepts."""
     if not input_path.exists():
         raise FileNotFoundError(f"--input {input_path}: no such file or folder")
     if input_path.is_dir():
-        files = sorted(p for p in input_path.iterdir() if p.is_file() and _is_image(p))
+        files = sorted(p for p in input_path.iterdir() if p.is_file() and is_image_file(p))
         if not files:
             raise ValueError(f"--input {input_path}: no {', '.join(IMAGE_SUFFIXES)} files in this folder")
         return [ScanInput(p) for p in files]
     if input_path.suffix.lower() == ".csv":
-        import pandas as pd
-
-        table = pd.read_csv(input_path)
-        if "path" not in table.columns:
-            raise ValueError(f"--input {input_path}: CSV has no 'path' column (columns: {list(table.columns)})")
-        scans = []
-        for _, row in table.iterrows():
-            path = Path(str(row["path"]))
-            path = path if path.is_absolute() else (input_path.parent / path)
-            ich = int(row["ich"]) if "ich" in table.columns and not pd.isna(row["ich"]) else None
-            scans.append(ScanInput(path, ich))
-        return scans
-    if not _is_image(input_path):
+        problems: list[Problem] = []
+        rows = read_scan_csv(input_path, "input", problems, required=("path",))
+        if problems:
+            raise ValueError(f"--input {input_path}:\n" + "\n".join(f"  - {p}" for p in problems))
+        return [ScanInput(row.image_path, row.ich) for row in rows]
+    if not is_image_file(input_path):
         raise ValueError(f"--input {input_path}: expected one of {', '.join(IMAGE_SUFFIXES)}, a folder or a CSV")
     return [ScanInput(input_path)]
-
-
-def _is_image(path: Path) -> bool:
-    return any(path.name.lower().endswith(suffix) for suffix in IMAGE_SUFFIXES)
-
-
-def file_stem(path: Path) -> str:
-    name = path.name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 class Predictor:
     """A checkpoint loaded once; ``segment`` maps one raw volume to a mask in its original grid."""
 
     def __init__(self, checkpoint: Path, device: torch.device, use_mixed_precision: bool = False):
-        from config import Config
         from model import build_model
         from trainer import choose_amp_dtype
 
@@ -163,6 +149,7 @@ class Predictor:
         self.device = device
         self.amp_dtype = choose_amp_dtype(device, use_mixed_precision)
         self.roi_size = int(self.model.img_size)
+        self.preprocessing = trained_preprocessing(state, self.config, self.roi_size)
 
     def segment(self, image: np.ndarray, spacing: Sequence[float], points: Sequence[Sequence[float]] = (),
                 labels: Sequence[int] = ()) -> np.ndarray:
@@ -170,10 +157,9 @@ class Predictor:
 
         ``points`` are voxel coordinates of ``image`` (array axes 0, 1, 2).
         """
-        from dataloader import preprocess_image, resample_to_shape
         from inference import click_refined_logits, sliding_window_logits
 
-        prepared = preprocess_image(image, spacing, self.config.data)
+        prepared = preprocess_image(image, spacing, self.preprocessing)
         volume = torch.as_tensor(prepared, dtype=torch.float32)[None].to(self.device)
         logits = sliding_window_logits(self.model, volume, self.roi_size, self.amp_dtype)
         for point in points:
@@ -215,29 +201,30 @@ def largest_component_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
     return float(sizes.max()) * float(np.prod(spacing)) / 1000.0
 
 
+def trained_preprocessing(state: dict[str, Any], config: Config, input_size: int) -> Preprocessing:
+    """The preprocessing a checkpoint's model was trained with: its ``preprocessing`` entry; checkpoints written
+    before that entry existed (pipeline version 1) carry it only inside their config."""
+    if "preprocessing" in state:
+        return Preprocessing.from_dict(state["preprocessing"])
+    return Preprocessing.from_config(config.data, input_size, pipeline_version=1)
+
+
 def scan_geometry(path: Path, meta: dict[str, Any], shape: Sequence[int], mask_path: Path | None,
                   fallback_spacing: Sequence[float]) -> tuple[tuple[float, float, float], np.ndarray]:
-    """Voxel spacing and affine of a raw scan, in the order the training data used: the file's own metadata,
-    else its mask's NIfTI header (reordered when the mask is stored with permuted axes), else ``fallback_spacing``
-    (predict.py's ``--spacing``, by default the training run's)."""
-    import nibabel as nib
-
-    from dataloader import mask_header_spacing, matching_axes
-
-    spacing, affine = meta.get("spacing"), meta.get("affine")
-    if spacing is None and mask_path is not None:
-        header_spacing = mask_header_spacing(mask_path)
-        mask_header = nib.load(str(mask_path))  # header only: nibabel reads voxel data lazily
-        axes = matching_axes(shape, mask_header.shape[:3])
-        if header_spacing is not None and axes is not None:
-            spacing = tuple(header_spacing[a] for a in axes)
-            if affine is None and axes == (0, 1, 2):
-                affine = mask_header.affine
-    if spacing is None:
-        spacing = tuple(fallback_spacing)
+    """Voxel spacing and affine of a raw scan. Spacing follows training's rule (``resolve_spacing``): the file's
+    own, else its mask's NIfTI header (reordered when the mask is stored with permuted axes), else
+    ``fallback_spacing`` (``--spacing``, by default the training run's). The affine is the file's, else the mask
+    header's when the mask has the image's axis order, else diagonal."""
+    header = read_mask_header(mask_path) if meta.get("spacing") is None and mask_path is not None else None
+    axes = matching_axes(shape, header.shape) if header is not None else None
+    spacing, source = resolve_spacing(meta.get("spacing"), in_image_axes(header.spacing if header else None, axes),
+                                      fallback_spacing)
+    if source == "fallback":
         logger.warning("%s: no spacing in the file or a mask header; using the fallback spacing %s mm "
                        "(--spacing)", path, spacing)
-    spacing = tuple(float(s) for s in spacing)
+    affine = meta.get("affine")
+    if affine is None and source == "mask_header" and axes == (0, 1, 2):
+        affine = header.affine
     if affine is None:
         affine = np.diag([*spacing, 1.0])
     return spacing, np.asarray(affine, dtype=float)
@@ -249,7 +236,6 @@ def run(config: PredictConfig) -> int:
 
     import metrics
     import utils
-    from dataloader import MaskIndex, load_image_file, load_mask_file
 
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -281,7 +267,7 @@ def run(config: PredictConfig) -> int:
             logger.error("%s: skipped: %s", scan.path, error)
             continue
         mask = (probabilities >= config.threshold).astype(np.uint8)
-        stem = file_stem(scan.path)
+        stem = case_id_from_path(scan.path)
         nib.save(nib.Nifti1Image(mask, affine), str(output_dir / f"{stem}.nii.gz"))
         if config.save_probabilities:
             nib.save(nib.Nifti1Image(probabilities.astype(np.float32), affine), str(output_dir / f"{stem}_prob.nii.gz"))

@@ -80,6 +80,7 @@ def run_training(config, config_warnings: Sequence[str] = ()) -> tuple[int, dict
             logger.info("dataset statistics\n%s", dataloader.format_stats_table(stats))
 
         model = build_model(config.model)
+        preprocessing = dataloader.Preprocessing.from_config(config.data, model.img_size)
         m, t = config.model, config.train
         estimate = utils.estimate_training_memory_gb(
             m.name, t.batch_size, t.use_mixed_precision, m.use_gradient_checkpointing, model.img_size,
@@ -91,13 +92,13 @@ def run_training(config, config_warnings: Sequence[str] = ()) -> tuple[int, dict
                                     estimated_gpu_gb=estimate if device.type == "cuda" else None,
                                     estimated_ram_gb=None if device.type == "cuda" else estimate)
         train_loader, val_loader = dataloader.build_dataloaders(
-            config.data, cohort, roi_size=model.img_size, batch_size=t.batch_size, device=device, seed=t.seed,
-            rank=rank, world_size=world_size)
+            config.data, preprocessing, cohort, batch_size=t.batch_size, device=device, seed=t.seed, rank=rank,
+            world_size=world_size)
         tracker = tracking.build_tracker(rank == 0 and config.log.use_wandb, config.log.wandb_project,
                                          config.log.wandb_entity, config.to_dict(), output_dir)
         trainer = Trainer(config, model, train_loader, val_loader, device, tracker, output_dir, rank=rank,
                           world_size=world_size, set_loader_epoch=dataloader.set_epoch,
-                          extra_summary={"dataset_stats": stats})
+                          extra_summary={"dataset_stats": stats}, preprocessing=preprocessing)
         try:
             summary = trainer.fit()
         except TrainingInterrupted as interrupted:

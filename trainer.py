@@ -28,6 +28,7 @@ import metrics
 import tracking
 import utils
 from config import Config
+from data.preprocess import Preprocessing
 from inference import autocast_context, click_refined_logits, interior_point, sliding_window_logits
 
 logger = logging.getLogger(__name__)
@@ -268,7 +269,7 @@ class Trainer:
                  device: torch.device, tracker: tracking.Tracker, output_dir: Path, *, rank: int = 0,
                  world_size: int = 1,
                  set_loader_epoch: Callable[[Any, int], None] | None = None,
-                 extra_summary: dict[str, Any] | None = None):
+                 extra_summary: dict[str, Any] | None = None, preprocessing: Preprocessing | None = None):
         self.config = config
         self.model = model.to(device)
         self.device = device
@@ -282,6 +283,8 @@ class Trainer:
         t = config.train
 
         self.roi_size = int(model.img_size)
+        # What the data loaders fed the model; stored in every checkpoint and in sam_encoder.pth.
+        self.preprocessing = preprocessing or Preprocessing.from_config(config.data, self.roi_size)
         self.amp_dtype = choose_amp_dtype(device, t.use_mixed_precision)
         # GradScaler only matters for fp16; enabled=False makes every call a no-op, keeping one code path.
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
@@ -564,7 +567,7 @@ class Trainer:
     def validate(self, epoch: int) -> dict[str, Any]:
         """Whole-volume sliding-window validation: prompt-free and 1-click Dice, HD95, volume error (mL)."""
         self.model.eval()
-        spacing = self.config.data.target_spacing
+        spacing = self.preprocessing.target_spacing
         rows: list[dict[str, Any]] = []
         click_rows: list[dict[str, Any]] = []
         log_images = (self.config.log.log_images and self.is_main
@@ -675,6 +678,7 @@ class Trainer:
             "prompt_generator_state": self.prompt_generator.get_state(),
             "wandb_run_id": self.tracker.run_id,
             "config": self.config.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
         }
 
     def save_checkpoint(self, path: Path) -> None:
@@ -685,9 +689,7 @@ class Trainer:
         from model import export_encoder
 
         payload = export_encoder(self.model)
-        d = self.config.data
-        payload["preprocessing"] = {"hu_window": list(d.hu_window), "normalization": d.normalization,
-                                    "target_spacing": list(d.target_spacing), "input_size": self.roi_size}
+        payload["preprocessing"] = self.preprocessing.to_dict()
         payload["provenance"] = {"epoch": epoch + 1, "val_dice": val_dice, "config": self.config.to_dict()}
         utils.atomic_torch_save(payload, path)
 

@@ -2,8 +2,9 @@
 
 Reports, per volume: validation time, raw load time and preprocessing time (window + normalise + resample of the
 image, nearest resample of the mask); then the cached training throughput (crop + augmentation, volumes/s) over a
-few epochs, the whole-volume validation pass, the crop sampler alone (pad + positive/negative crop from the RAM
-cache, augmentation off, in this process: crops/s) and peak RSS (main process, and main + workers sampled).
+few epochs, the whole-volume validation pass, the crop sampler alone (positive/negative crop + padding from the
+RAM cache, augmentation off, in this process with one torch thread like a DataLoader worker: crops/s) and peak RSS
+(main process, and main + workers sampled).
 
     python bench/data_bench.py --n_scans 8 --shape 512 512 30 --workers 1
     python bench/data_bench.py --n_scans 12 --epochs 1 --crop_epochs 20    # the crop sampler before/after a change
@@ -110,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      target_spacing=tuple(args.target_spacing), num_workers=args.workers,
                                      augmentation_prob=args.augmentation_prob,
                                      cache_in_memory=not args.no_memory_cache)
+            preprocessing = D.Preprocessing.from_config(data_config, args.roi)
             started = time.perf_counter()
             cohort = D.validate_cohort(data_config)
             figures["validate_s_per_scan"] = (time.perf_counter() - started) / args.n_scans
@@ -122,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 volume, _ = D.load_image_file(case.image_path)
                 t1 = time.perf_counter()
-                image = D.preprocess_image(volume, case.spacing, data_config)
+                image = D.preprocess_image(volume, case.spacing, preprocessing)
                 t2 = time.perf_counter()
                 if case.mask_path:
                     mask = D.load_mask_file(case.mask_path)
@@ -137,11 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             # First build: preprocesses every scan into the disk cache (and RAM cache when enabled).
             started = time.perf_counter()
-            train, val = D.build_dataloaders(data_config, cohort, args.roi, args.batch_size, torch.device("cpu"),
-                                             seed=args.seed)
+            train, val = D.build_dataloaders(data_config, preprocessing, cohort, args.batch_size,
+                                             torch.device("cpu"), seed=args.seed)
             if args.no_memory_cache:  # fill the disk cache explicitly so the epochs below are all warm
                 for item in train.dataset.base.data + val.dataset.base.data:
-                    D.LoadPreprocessd(data_config, work / "cache")(item)
+                    D.LoadPreprocessd(preprocessing, work / "cache")(item)
             figures["cache_fill_s_per_scan"] = (time.perf_counter() - started) / args.n_scans
             figures["workers"] = train.num_workers
 
@@ -164,14 +166,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # The crop sampler alone: augmentation off, RAM cache, samples drawn in this process exactly as a
                 # DataLoader worker draws them (``dataset[(index, epoch)]`` reseeds from (seed, epoch, index)).
                 crop_config = dataclasses.replace(data_config, augmentation_prob=0.0, cache_in_memory=True)
-                crop_train, _ = D.build_dataloaders(crop_config, cohort, args.roi, args.batch_size,
+                crop_train, _ = D.build_dataloaders(crop_config, preprocessing, cohort, args.batch_size,
                                                     torch.device("cpu"), seed=args.seed)
                 dataset = crop_train.dataset
+                # One torch thread, as in a DataLoader worker: on a busy machine a second OpenMP thread waiting for
+                # a descheduled peer makes each pad/copy ~10x slower and would swamp what is measured.
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
                 started = time.perf_counter()
                 for epoch in range(args.crop_epochs):
                     for index in range(len(dataset)):
                         dataset[(index, epoch)]
                 figures["crop_samples_per_s"] = args.crop_epochs * len(dataset) / (time.perf_counter() - started)
+                torch.set_num_threads(threads)
                 del crop_train, dataset
         figures["peak_rss_main_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         figures["peak_rss_main_plus_workers_mib"] = rss.peak / 2**20
