@@ -51,9 +51,10 @@ BATCH_KEYS = ("image", "label", "ich", "case_id")
 FG_INDICES_KEY, BG_INDICES_KEY, AIR_KEY = "label_fg_indices", "label_bg_indices", "air"
 # Head voxels are those above the air minimum by this fraction of the intensity range (tissue, not air).
 HEAD_MARGIN = 1e-3
-# Head-voxel indices kept per scan in the RAM cache: a 512×512×30 head CT at 1.5 mm has ~1.2 M head voxels (4.7 MiB
-# as int32, 40 % on top of the cached volume); every k-th one in raster order (k = ceil(count / cap)) keeps the cost
-# at 1 MiB while candidate centres stay within a few voxels of any head voxel, far below a 128-voxel crop.
+# Head-voxel indices kept per scan in the RAM cache: a synthetic 512×512×30 head CT at 1.5 mm (154×154×100, 11.3 MiB
+# cached) has ~0.7 M head voxels, 2.7 MiB as int32 (24 % more); every k-th one in raster order (k = ceil(count /
+# cap)) caps them at 1 MiB (8 %) while candidate centres stay within a few voxels of any head voxel, far below a
+# 128-voxel crop.
 MAX_HEAD_INDICES = 2**18
 # Augmentation magnitudes in z-score units (1 ≈ one head-tissue standard deviation, about 50-70 HU once bone is
 # saturated); Preprocessing.intensity_unit converts them for the other normalisations.

@@ -8,6 +8,7 @@ load_image_file.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -508,6 +509,42 @@ def test_preprocess_resamples_to_target_spacing_and_keeps_image_and_mask_aligned
     # Maps back onto the original grid (what predict.py does).
     back = D.resample_to_shape(label[0], mask.shape, "nearest")
     assert back.shape == mask.shape and (back == mask).mean() > 0.97
+
+
+def test_preprocessing_round_trips_as_plain_data():
+    settings = prep(input_size=64, hu_window=(-50.0, 150.0), normalization="minmax", target_spacing=(2.0, 2.0, 3.0))
+    raw = settings.to_dict()
+    assert raw == {"hu_window": [-50.0, 150.0], "normalization": "minmax", "target_spacing": [2.0, 2.0, 3.0],
+                   "input_size": 64, "pipeline_version": D.PIPELINE_VERSION}
+    assert D.Preprocessing.from_dict(json.loads(json.dumps(raw))) == settings
+    old_export = {k: v for k, v in raw.items() if k != "pipeline_version"}   # sam_encoder.pth before the version
+    assert D.Preprocessing.from_dict(old_export).pipeline_version == 1
+    with pytest.raises(ValueError, match="unknown preprocessing settings spacing"):
+        D.Preprocessing.from_dict({**raw, "spacing": [1, 1, 1]})
+    with pytest.raises(ValueError, match="hu_window needs low < high"):
+        prep(hu_window=(200.0, -100.0))
+    with pytest.raises(dataclasses.FrozenInstanceError):   # built once, never changed on the way
+        settings.hu_window = (0.0, 1.0)
+
+
+def test_cache_key_changes_with_every_setting_that_shapes_the_volume():
+    case = D.Case(image_path="a.pkl", mask_path=None, ich=0, patient_id="P", case_id="a", csv_path="t.csv", row=1,
+                  spacing=(1.0, 1.0, 5.0), spacing_source="image", fingerprint="f" * 32)
+    base = prep(input_size=128)
+    key = D.cache_key(case, base)
+    # Same layout as before Preprocessing existed: existing cache entries stay valid.
+    recipe = {"pipeline_version": 1, "content": "f" * 32, "spacing": [1.0, 1.0, 5.0], "mask_axes": [0, 1, 2],
+              "hu_window": [-100.0, 200.0], "normalization": "zscore", "target_spacing": [3.0, 3.0, 3.0]}
+    assert key == hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:40]
+    changed = {"hu_window": (-50.0, 200.0), "normalization": "minmax", "target_spacing": (3.0, 3.0, 2.0),
+               "pipeline_version": 2}
+    assert set(changed) | {"input_size"} == {f.name for f in dataclasses.fields(D.Preprocessing)}
+    for field, value in changed.items():
+        assert D.cache_key(case, dataclasses.replace(base, **{field: value})) != key, field
+    for field, value in {"spacing": (1.0, 1.0, 2.5), "fingerprint": "e" * 32, "mask_axes": (2, 0, 1)}.items():
+        assert D.cache_key(dataclasses.replace(case, **{field: value}), base) != key, field
+    # The crop size only sizes crops taken from the cached volume: a tiny and a turbo run share the entry.
+    assert D.cache_key(case, dataclasses.replace(base, input_size=64)) == key
 
 
 def test_resample_to_shape_accepts_tensors_and_checks_arguments():
