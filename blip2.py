@@ -8,15 +8,15 @@ Q-Former with gradients flowing back into the encoder. ``python train.py --test`
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from config import Config
 from data.preprocess import Preprocessing, pad_with_air, preprocess_image
+from model import load_sam_encoder, load_trained
+from modeling.checkpoint import read_checkpoint
 
 
 def prepare_encoder_input(volume: np.ndarray, spacing: Sequence[float],
@@ -40,15 +40,8 @@ def check_encoder_export(encoder_path: Path, best_path: Path) -> str:
 
     Returns a short description; raises AssertionError on a mismatch.
     """
-    from model import build_model, load_sam_encoder
-    from modeling.checkpoint import read_checkpoint
-
-    state = read_checkpoint(best_path)
+    trained, _ = load_trained(best_path)
     export = read_checkpoint(encoder_path)
-    saved_model = Config.from_dict(state["config"]).model
-    trained = build_model(dataclasses.replace(saved_model, pretrained_checkpoint=None))
-    trained.load_state_dict(state["model_state_dict"], strict=True)
-    trained.eval()
     encoder = load_sam_encoder(encoder_path)
     size = int(encoder.config["img_size"])
     volume = torch.randn(1, 1, size, size, size, generator=torch.Generator().manual_seed(0))
@@ -62,9 +55,7 @@ def check_encoder_export(encoder_path: Path, best_path: Path) -> str:
 
 def check_qformer(encoder_path: Path) -> str:
     """Feed the exported encoder's tokens into a tiny real BLIP-2 Q-Former; gradients must reach the encoder."""
-    from transformers import Blip2QFormerConfig, Blip2QFormerModel
-
-    from model import load_sam_encoder
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel  # optional: a test-only dependency
 
     encoder = load_sam_encoder(encoder_path)
     encoder.train()

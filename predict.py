@@ -5,30 +5,39 @@
     python predict.py --checkpoint outputs/best_model.pth --input 049.pkl --points "250,260,14" --output_dir preds
 
 Preprocessing is read from the checkpoint (the exact training pipeline), and scans, masks, CSVs and spacing are read
-by the same functions training uses (``data.io``, ``data.cohort``). Each scan gets a mask in its original grid (``049.pkl`` → ``049.nii.gz``), a row in ``predictions.csv`` and, on request, a probability map and a
-PNG overlay. With ``--mask_dir`` the run also writes ``metrics.csv`` and ``volume_agreement.png``. A bad file is
-reported and skipped; the exit code is 1 when any scan failed.
+by the same functions training uses (``data.io``, ``data.cohort``), so predict accepts exactly the files training
+accepts. Each scan gets a mask in its original grid (``049.pkl`` → ``049.nii.gz``), a row in ``predictions.csv``
+and, on request, a probability map and a PNG overlay. With ``--mask_dir`` the run also writes ``metrics.csv`` and
+``volume_agreement.png``. A bad file is reported and skipped; the exit code is 1 when any scan failed.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
+from scipy import ndimage
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+import metrics
+import reporting
+import utils
 from config import Config
 from data.cohort import read_scan_csv
 from data.io import (IMAGE_SUFFIXES, MaskIndex, case_id_from_path, in_image_axes, is_image_file, load_image_file,
                      load_mask_file, matching_axes, read_mask_header, resolve_spacing)
 from data.preprocess import Preprocessing, preprocess_image, resample_to_shape
 from data.records import Problem
+from inference import choose_amp_dtype, click_refined_logits, sliding_window_logits
+from model import CheckpointError, model_from_trained, read_trained_checkpoint
 
 logger = logging.getLogger("ichseg.predict")
 
@@ -132,20 +141,11 @@ class Predictor:
     """A checkpoint loaded once; ``segment`` maps one raw volume to a mask in its original grid."""
 
     def __init__(self, checkpoint: Path, device: torch.device, use_mixed_precision: bool = False):
-        from model import build_model
-        from trainer import choose_amp_dtype
-
-        state = _load_checkpoint(checkpoint)
-        self.config = Config.from_dict(state["config"])
-        model_config = dataclasses.replace(self.config.model, pretrained_checkpoint=None,
-                                           use_gradient_checkpointing=False)
-        self.model = build_model(model_config)
         try:
-            self.model.load_state_dict(state["model_state_dict"], strict=True)
-        except RuntimeError as error:
-            raise PredictionError(f"{checkpoint}: weights do not fit the '{model_config.name}' architecture "
-                                  f"named in its config: {error}") from error
-        self.model.to(device).eval()
+            state = read_trained_checkpoint(checkpoint)
+            self.model, self.config = model_from_trained(state, checkpoint, device)
+        except CheckpointError as error:  # names the file; nothing in it was executed
+            raise PredictionError(f"--checkpoint {error}") from error
         self.device = device
         self.amp_dtype = choose_amp_dtype(device, use_mixed_precision)
         self.roi_size = int(self.model.img_size)
@@ -157,8 +157,6 @@ class Predictor:
 
         ``points`` are voxel coordinates of ``image`` (array axes 0, 1, 2).
         """
-        from inference import click_refined_logits, sliding_window_logits
-
         prepared = preprocess_image(image, spacing, self.preprocessing)
         volume = torch.as_tensor(prepared, dtype=torch.float32)[None].to(self.device)
         logits = sliding_window_logits(self.model, volume, self.roi_size, self.amp_dtype)
@@ -177,23 +175,8 @@ class Predictor:
         return np.asarray(restored, dtype=np.float32).reshape(image.shape)
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    from model import CheckpointError
-    from modeling.checkpoint import read_checkpoint
-
-    try:
-        state = read_checkpoint(path)
-    except CheckpointError as error:  # names the file; nothing in it was executed
-        raise PredictionError(f"--checkpoint {error}") from error
-    if not isinstance(state, dict) or "model_state_dict" not in state or "config" not in state:
-        raise PredictionError(f"--checkpoint {path}: not a checkpoint written by train.py (expected the keys "
-                              "model_state_dict and config; use best_model.pth or latest_model.pth)")
-    return state
-
-
 def largest_component_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
-    from scipy import ndimage
-
+    """Volume (mL) of the largest 6-connected blob of ``mask`` (see inference.interior_point for why scipy)."""
     components, count = ndimage.label(mask > 0)
     if count == 0:
         return 0.0
@@ -231,12 +214,7 @@ def scan_geometry(path: Path, meta: dict[str, Any], shape: Sequence[int], mask_p
 
 
 def run(config: PredictConfig) -> int:
-    import nibabel as nib
-    from tqdm import tqdm
-
-    import metrics
-    import utils
-
+    """Segment (and evaluate) every input scan; returns the exit code (1 when any scan failed)."""
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     points, point_labels = parse_points(config.points)
@@ -254,54 +232,69 @@ def run(config: PredictConfig) -> int:
     prediction_rows: list[dict[str, Any]] = []
     metric_rows: list[dict[str, Any]] = []
     failures: list[str] = []
-    for scan in tqdm(scans, desc="scans", unit="scan"):
-        started = time.time()
-        try:
-            image, meta = load_image_file(scan.path)
-            mask_path = masks.find(scan.path) if masks is not None else None
-            spacing, affine = scan_geometry(scan.path, meta, image.shape, mask_path,
-                                            config.spacing or predictor.config.data.spacing)
-            probabilities = predictor.segment(image, spacing, points, point_labels)
-        except (OSError, ValueError, RuntimeError) as error:
-            failures.append(f"{scan.path}: {error}")
-            logger.error("%s: skipped: %s", scan.path, error)
-            continue
-        mask = (probabilities >= config.threshold).astype(np.uint8)
-        stem = case_id_from_path(scan.path)
-        nib.save(nib.Nifti1Image(mask, affine), str(output_dir / f"{stem}.nii.gz"))
-        if config.save_probabilities:
-            nib.save(nib.Nifti1Image(probabilities.astype(np.float32), affine), str(output_dir / f"{stem}_prob.nii.gz"))
-        volume = metrics.volume_ml(mask, spacing)
-        truth = None
-        if mask_path is not None:
-            truth = load_mask_file(mask_path, expected_shape=image.shape)
-            row = {"file": scan.path.name, **metrics.segmentation_metrics(mask, truth, spacing)}
-            metric_rows.append(row)
-        elif config.mask_dir and scan.ich == 1:
-            logger.warning("%s: ICH-positive in the CSV but no mask in %s; not evaluated", scan.path,
-                           config.mask_dir)
-        elif config.mask_dir:
-            truth = np.zeros_like(mask)  # ICH-negative scans have no mask file: an empty ground truth
-            metric_rows.append({"file": scan.path.name, **metrics.segmentation_metrics(mask, truth, spacing)})
-        if config.save_png:
-            utils.save_overlay_png(image, truth if truth is not None else np.zeros_like(mask), mask,
-                                   output_dir / f"{stem}.png", f"{scan.path.name}: {volume:.1f} mL")
-        prediction_rows.append({
-            "file": scan.path.name, "ich_predicted": "yes" if volume > threshold_ml else "no",
-            "volume_ml": round(volume, 3), "largest_component_ml": round(largest_component_ml(mask, spacing), 3),
-            "runtime_s": round(time.time() - started, 3)})
+    with logging_redirect_tqdm():  # log lines go through tqdm.write, so the progress bar stays intact
+        for scan in tqdm(scans, desc="scans", unit="scan"):
+            row = _predict_scan(scan, config, predictor, masks, points, point_labels, threshold_ml, failures)
+            if row is not None:
+                prediction, evaluation = row
+                prediction_rows.append(prediction)
+                if evaluation is not None:
+                    metric_rows.append(evaluation)
 
-    _write_csv(output_dir / "predictions.csv", prediction_rows)
+    reporting.write_table_csv(output_dir / "predictions.csv", prediction_rows, key_column="file")
     if metric_rows:
-        _write_csv(output_dir / "metrics.csv", metric_rows)
+        reporting.write_table_csv(output_dir / "metrics.csv", metric_rows, key_column="file")
         summary = metrics.summarize(metric_rows, detection_threshold_ml=threshold_ml)
         logger.info("evaluation over %d scans\n%s", len(metric_rows), format_summary(summary))
-        plot_volume_agreement(metric_rows, output_dir / "volume_agreement.png")
+        reporting.plot_volume_agreement(metric_rows, output_dir / "volume_agreement.png")
     logger.info("wrote %d prediction(s) to %s", len(prediction_rows), output_dir)
     if failures:
         logger.error("%d scan(s) failed:\n  %s", len(failures), "\n  ".join(failures))
         return 1
     return 0
+
+
+def _predict_scan(scan: ScanInput, config: PredictConfig, predictor: Predictor, masks: MaskIndex | None,
+                  points: Sequence[Sequence[float]], point_labels: Sequence[int], threshold_ml: float,
+                  failures: list[str]) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    """Segment one scan and write its files; returns its predictions.csv row and, with ``--mask_dir``, its
+    metrics.csv row (None when not evaluated). A scan that cannot be read or segmented is logged, added to
+    ``failures`` and skipped (None)."""
+    output_dir = Path(config.output_dir)
+    started = time.time()
+    try:
+        image, meta = load_image_file(scan.path)
+        mask_path = masks.find(scan.path) if masks is not None else None
+        spacing, affine = scan_geometry(scan.path, meta, image.shape, mask_path,
+                                        config.spacing or predictor.config.data.spacing)
+        probabilities = predictor.segment(image, spacing, points, point_labels)
+    except (OSError, ValueError, RuntimeError) as error:
+        failures.append(f"{scan.path}: {error}")
+        logger.error("%s: skipped: %s", scan.path, error)
+        return None
+    mask = (probabilities >= config.threshold).astype(np.uint8)
+    stem = case_id_from_path(scan.path)
+    nib.save(nib.Nifti1Image(mask, affine), str(output_dir / f"{stem}.nii.gz"))
+    if config.save_probabilities:
+        nib.save(nib.Nifti1Image(probabilities.astype(np.float32), affine), str(output_dir / f"{stem}_prob.nii.gz"))
+    volume = metrics.volume_ml(mask, spacing)
+    truth = evaluation = None
+    if mask_path is not None:
+        truth = load_mask_file(mask_path, expected_shape=image.shape)
+    elif config.mask_dir and scan.ich == 1:
+        logger.warning("%s: ICH-positive in the CSV but no mask in %s; not evaluated", scan.path, config.mask_dir)
+    elif config.mask_dir:
+        truth = np.zeros_like(mask)  # ICH-negative scans have no mask file: an empty ground truth
+    if truth is not None:
+        evaluation = {"file": scan.path.name, **metrics.segmentation_metrics(mask, truth, spacing)}
+    if config.save_png:
+        reporting.save_overlay_png(image, truth if truth is not None else np.zeros_like(mask), mask,
+                                   output_dir / f"{stem}.png", f"{scan.path.name}: {volume:.1f} mL")
+    prediction = {"file": scan.path.name, "ich_predicted": "yes" if volume > threshold_ml else "no",
+                  "volume_ml": round(volume, 3),
+                  "largest_component_ml": round(largest_component_ml(mask, spacing), 3),
+                  "runtime_s": round(time.time() - started, 3)}
+    return prediction, evaluation
 
 
 def format_summary(summary: dict[str, float]) -> str:
@@ -311,48 +304,7 @@ def format_summary(summary: dict[str, float]) -> str:
     return "\n".join(f"  {text:<28} {summary[key]:.4f}" for key, text in labels.items())
 
 
-def plot_volume_agreement(rows: Iterable[dict[str, Any]], path: Path) -> None:
-    """Scatter of predicted vs true volume and a Bland–Altman plot (difference vs mean, ±1.96 SD)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = list(rows)
-    true = np.array([r["volume_true_ml"] for r in rows])
-    pred = np.array([r["volume_pred_ml"] for r in rows])
-    figure = Figure(figsize=(10, 4.5))
-    FigureCanvasAgg(figure)
-    scatter, bland = figure.subplots(1, 2)
-    top = max(float(true.max(initial=0)), float(pred.max(initial=0)), 1.0) * 1.05
-    scatter.scatter(true, pred, s=18)
-    scatter.plot([0, top], [0, top], "k--", linewidth=1)
-    scatter.set(xlabel="true volume (mL)", ylabel="predicted volume (mL)", title="Hematoma volume",
-                xlim=(0, top), ylim=(0, top))
-    mean, diff = (true + pred) / 2, pred - true
-    bias, spread = float(diff.mean()), float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
-    bland.scatter(mean, diff, s=18)
-    for value, style in ((bias, "-"), (bias + 1.96 * spread, "--"), (bias - 1.96 * spread, "--")):
-        bland.axhline(value, color="k", linestyle=style, linewidth=1)
-    bland.set(xlabel="mean of predicted and true (mL)", ylabel="predicted − true (mL)",
-              title=f"Bland–Altman (bias {bias:+.2f} mL)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    from utils import atomic_write_text
-    import io
-
-    buffer = io.StringIO()
-    fields = list(rows[0]) if rows else ["file"]
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    import utils
-
     args = build_parser().parse_args(argv)
     config = PredictConfig(**vars(args))
     utils.setup_logging(Path(config.output_dir), rank=0, log_name="predict.log")

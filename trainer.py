@@ -3,7 +3,7 @@
 fit → on_fit_start (resume, tracking) → for each epoch: train_epoch → validate (every ``val_every``) →
 on_epoch_end (schedule, checkpoints, early stopping, logs) → on_fit_end (summary).
 
-Pieces that are pure decisions (learning-rate factor, early stopping, click sampling, precision choice) are small
+Pieces that are pure decisions (learning-rate factor, early stopping, click sampling) are small
 functions or classes at the top so they can be unit-tested without a model.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,11 +26,15 @@ from torch import nn
 from tqdm import tqdm
 
 import metrics
+import reporting
 import tracking
 import utils
 from config import Config
 from data.preprocess import Preprocessing
-from inference import autocast_context, click_refined_logits, interior_point, sliding_window_logits
+from inference import (autocast_context, choose_amp_dtype, click_refined_logits, interior_point,
+                       sliding_window_logits)
+from memory import MemoryMonitor
+from model import export_encoder, load_trained_weights, read_trained_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -54,22 +59,6 @@ class TrainingInterrupted(RuntimeError):
 # --------------------------------------------------------------------------------------------------------------
 # Pure pieces
 # --------------------------------------------------------------------------------------------------------------
-
-def choose_amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 on GPUs that support it (Ampere+), fp16 on older GPUs, None when AMP is off or on CPU.
-
-    CPU autocast is refused on purpose: without native bf16 units the 3-D convolutions and matmuls fall back to
-    slow paths (measured ~60x slower than fp32 for one ViT-B step on this project's CI machine).
-    """
-    if not enabled:
-        return None
-    if device.type == "cpu":
-        logger.warning("--use_mixed_precision ignored on CPU (bf16 autocast is far slower than fp32 there)")
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
 
 def cosine_warmup_factor(epoch: int, warmup_epochs: int, total_epochs: int, min_factor: float = 0.01) -> float:
     """LR multiplier for ``epoch`` (0-based): linear warm-up to 1, then cosine decay to ``min_factor``."""
@@ -317,9 +306,8 @@ class Trainer:
         self.stop_reason = "max_epochs"
         self.consecutive_nonfinite = 0
         self._stop_signal: int | None = None
-        self.memory = utils.MemoryMonitor(device)
-        self.eta = utils.EtaEstimator()
-        self.metrics_csv = utils.MetricsCsvLogger(self.output_dir / "metrics.csv") if self.is_main else None
+        self.memory = MemoryMonitor(device)
+        self.eta = reporting.EtaEstimator()
         self.fit_started = 0.0
 
     # ---------------------------------------------------------------------------------------------- lifecycle
@@ -348,8 +336,6 @@ class Trainer:
         self.fit_started = time.time()
         if self.config.train.resume:
             self._resume(self.config.train.resume)
-        if self.is_main:
-            self.metrics_csv.truncate_after(self.start_epoch)
         self.tracker.start(run_id=getattr(self, "_resumed_run_id", None))
         logger.info("training %s for epochs %d..%d on %s (AMP: %s, %d trainable parameters)",
                     self.config.model.name, self.start_epoch + 1, self.config.train.epochs, self.device,
@@ -380,16 +366,16 @@ class Trainer:
             if self.config.train.save_every and (epoch + 1) % self.config.train.save_every == 0:
                 self.save_checkpoint(self.output_dir / f"checkpoint_epoch_{epoch + 1:04d}.pth")
                 utils.cleanup_checkpoints(self.output_dir, self.config.train.keep_checkpoints)
-            self.metrics_csv.append(record)
-            utils.plot_learning_curves(self.history, self.output_dir / "learning_curves.png")
+            reporting.write_metrics_csv(self.output_dir / "metrics.csv", self.history)
+            reporting.plot_learning_curves(self.history, self.output_dir / "learning_curves.png")
             self.tracker.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=epoch + 1)
         self.eta.update(record["epoch_time_s"])
         remaining = self.eta.eta_seconds(self.config.train.epochs - epoch - 1)
         logger.info("epoch %d/%d  loss %.4f  val Dice %s (1-click %s)  lr %.2e  %s (data wait %.0f%%)  ETA %s%s",
                     epoch + 1, self.config.train.epochs, train_stats["train_loss"],
                     _fmt(val_stats.get("val_dice")), _fmt(val_stats.get("val_dice_1click")), self._current_lr(),
-                    utils.format_duration(record["epoch_time_s"]),
-                    100 * train_stats.get("data_wait_fraction", 0.0), utils.format_duration(remaining),
+                    reporting.format_duration(record["epoch_time_s"]),
+                    100 * train_stats.get("data_wait_fraction", 0.0), reporting.format_duration(remaining),
                     "  (new best)" if improved else "")
 
     def on_fit_end(self) -> dict[str, Any]:
@@ -413,7 +399,7 @@ class Trainer:
             "system": utils.collect_system_info(self.device),
         }
         if self.is_main:
-            path = utils.write_training_summary(self.output_dir, summary)
+            path = reporting.write_training_summary(self.output_dir, summary)
             summary["summary_path"] = str(path)
         self.tracker.finish()
         return summary
@@ -615,8 +601,8 @@ class Trainer:
         case = batch.get("case_id", ["case"])[0]
         path = self.output_dir / "images" / f"epoch{epoch + 1:04d}_{case}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        utils.save_overlay_png(image[0, 0].float().cpu().numpy(), label[0, 0].cpu().numpy(),
-                                    prediction[0, 0].cpu().numpy(), path, f"epoch {epoch + 1}: {case}")
+        reporting.save_overlay_png(image[0, 0].float().cpu().numpy(), label[0, 0].cpu().numpy(),
+                                   prediction[0, 0].cpu().numpy(), path, f"epoch {epoch + 1}: {case}")
         self.tracker.log_image("val/overlay", path, step=epoch + 1)
 
     # ---------------------------------------------------------------------------------------- distributed glue
@@ -686,8 +672,6 @@ class Trainer:
 
     def export_encoder(self, path: Path, epoch: int, val_dice: float) -> None:
         """Write sam_encoder.pth: the encoder and representation head for the BLIP-2 path (see model.py)."""
-        from model import export_encoder
-
         payload = export_encoder(self.model)
         payload["preprocessing"] = self.preprocessing.to_dict()
         payload["provenance"] = {"epoch": epoch + 1, "val_dice": val_dice, "config": self.config.to_dict()}
@@ -700,17 +684,14 @@ class Trainer:
                 logger.info("--resume auto: no %s yet, starting fresh", path)
                 return
             raise FileNotFoundError(f"--resume {path}: checkpoint not found")
-        from modeling.checkpoint import read_checkpoint  # names the file on any unreadable or unsafe content
-
-        state = read_checkpoint(path)
-        missing = [k for k in ("model_state_dict", "optimizer_state_dict", "epoch", "config") if k not in state]
-        if missing:
-            raise ValueError(f"{path} is not a training checkpoint of this project (missing {', '.join(missing)})")
+        # Names the file on any unreadable, unsafe or foreign content (the checks model.load_trained makes).
+        state = read_trained_checkpoint(path, required=("model_state_dict", "optimizer_state_dict", "epoch",
+                                                        "config"))
         saved_model = state["config"].get("model", {})
         if saved_model.get("name") != self.config.model.name:
             raise ValueError(f"{path} was trained with --model {saved_model.get('name')}, this run uses "
                              f"--model {self.config.model.name}")
-        self.model.load_state_dict(state["model_state_dict"], strict=True)
+        load_trained_weights(self.model, state, path)
         self.optimizer.load_state_dict(state["optimizer_state_dict"])
         self.scheduler.load_state_dict(state["scheduler_state_dict"])
         self.scaler.load_state_dict(state["scaler_state_dict"])
@@ -733,8 +714,6 @@ class Trainer:
     @contextmanager
     def _signals_handled(self) -> Iterator[None]:
         """SIGINT/SIGTERM ask for a stop at the next optimiser step, where the state is consistent."""
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             yield
             return

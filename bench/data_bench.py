@@ -19,45 +19,18 @@ import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+import torch
 
-class _RssSampler:
-    """Peak resident memory of this process plus its children (DataLoader workers), sampled every 0.1 s."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self._process = psutil.Process()
-        self._psutil = psutil
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _total(self) -> int:
-        total = self._process.memory_info().rss
-        for child in self._process.children(recursive=True):
-            try:
-                total += child.memory_info().rss
-            except self._psutil.NoSuchProcess:  # a worker that just exited holds no memory
-                continue
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._total())
-            self._stop.wait(0.1)
-
-    def __enter__(self) -> "_RssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules are flat files at the root
+import dataloader as D  # noqa: E402
+import synthetic as S  # noqa: E402
+from config import DataConfig  # noqa: E402
+from memory import RssSampler  # noqa: E402
 
 
 def _mean_ms(values: Sequence[float]) -> str:
@@ -86,20 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="Seed for the cohort and the loader (default 0).")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import numpy as np
-    import torch
-
-    import dataloader as D
-    import synthetic as S
-    from config import DataConfig
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     work = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="ichseg_data_bench_"))
     figures: dict[str, Any] = {"shape": list(args.shape), "spacing": list(args.spacing), "n_scans": args.n_scans,
                                "roi": args.roi, "batch_size": args.batch_size, "torch_threads": torch.get_num_threads()}
     try:
-        with _RssSampler() as rss:
+        with RssSampler(interval_s=0.1, children=True) as rss:
             n_val = max(1, args.n_scans // 4)
             started = time.perf_counter()
             cohort_files = S.generate_cohort(work / "cohort", args.n_scans - n_val, n_val, shape=args.shape,

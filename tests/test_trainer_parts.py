@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from config import Config, replace_section
-from trainer import (EarlyStopping, SegmentationLoss, build_scheduler, choose_amp_dtype, cosine_warmup_factor,
-                     group_sizes, sample_clicks)
+from inference import choose_amp_dtype
+from trainer import EarlyStopping, SegmentationLoss, build_scheduler, cosine_warmup_factor, group_sizes, sample_clicks
 
 
 def _optimizer(lr=1.0):
