@@ -8,44 +8,31 @@ Q-Former with gradients flowing back into the encoder. ``python train.py --test`
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from config import Config, DataConfig
+from data.preprocess import Preprocessing, pad_with_air, preprocess_image
+from model import load_sam_encoder, load_trained
+from modeling.checkpoint import read_checkpoint
 
 
-def prepare_encoder_input(volume: np.ndarray, spacing: Sequence[float], preprocessing: Mapping[str, Any]
-                          ) -> torch.Tensor:
+def prepare_encoder_input(volume: np.ndarray, spacing: Sequence[float],
+                          preprocessing: Preprocessing | Mapping[str, Any]) -> torch.Tensor:
     """Raw HU volume (D×H×W, voxel ``spacing`` in mm) → encoder input 1×1×S×S×S.
 
-    Applies the training pipeline with the export's saved ``preprocessing`` (HU window, normalisation, target
-    spacing), then centre-crops or pads (with the volume's minimum, i.e. air, as in training) to ``input_size``.
-    At 1.5 mm a 128³ input spans 192 mm, which holds a whole adult head.
+    Applies the training pipeline with the export's saved ``preprocessing`` (a Preprocessing, or the plain dict
+    stored in ``sam_encoder.pth``: HU window, normalisation, target spacing, input size S), then centre-crops or
+    pads with air to S³ (MONAI ``ResizeWithPadOrCrop`` through ``pad_with_air``, as in training). At 1.5 mm a 128³
+    input spans 192 mm, which holds a whole adult head.
     """
-    from dataloader import preprocess_image
-
-    data_config = DataConfig(hu_window=tuple(preprocessing["hu_window"]),
-                             normalization=str(preprocessing["normalization"]),
-                             target_spacing=tuple(preprocessing["target_spacing"]))
-    size = int(preprocessing["input_size"])
-    prepared = torch.as_tensor(preprocess_image(volume, spacing, data_config), dtype=torch.float32)[None]
-    fill = float(prepared.min())
-    for axis in range(3):
-        length = prepared.shape[2 + axis]
-        if length > size:
-            start = (length - size) // 2
-            prepared = prepared.narrow(2 + axis, start, size)
-        elif length < size:
-            before = (size - length) // 2
-            pad = [0, 0] * 3
-            pad[2 * (2 - axis)], pad[2 * (2 - axis) + 1] = before, size - length - before
-            prepared = F.pad(prepared, pad, value=fill)
-    return prepared.contiguous()
+    if isinstance(preprocessing, Mapping):
+        preprocessing = Preprocessing.from_dict(preprocessing)
+    prepared = torch.as_tensor(preprocess_image(volume, spacing, preprocessing), dtype=torch.float32)
+    fitted = pad_with_air(prepared, preprocessing.input_size, center_crop=True)
+    return fitted[None].contiguous()
 
 
 def check_encoder_export(encoder_path: Path, best_path: Path) -> str:
@@ -53,15 +40,8 @@ def check_encoder_export(encoder_path: Path, best_path: Path) -> str:
 
     Returns a short description; raises AssertionError on a mismatch.
     """
-    from model import build_model, load_sam_encoder
-    from modeling.checkpoint import read_checkpoint
-
-    state = read_checkpoint(best_path)
+    trained, _ = load_trained(best_path)
     export = read_checkpoint(encoder_path)
-    saved_model = Config.from_dict(state["config"]).model
-    trained = build_model(dataclasses.replace(saved_model, pretrained_checkpoint=None))
-    trained.load_state_dict(state["model_state_dict"], strict=True)
-    trained.eval()
     encoder = load_sam_encoder(encoder_path)
     size = int(encoder.config["img_size"])
     volume = torch.randn(1, 1, size, size, size, generator=torch.Generator().manual_seed(0))
@@ -75,9 +55,7 @@ def check_encoder_export(encoder_path: Path, best_path: Path) -> str:
 
 def check_qformer(encoder_path: Path) -> str:
     """Feed the exported encoder's tokens into a tiny real BLIP-2 Q-Former; gradients must reach the encoder."""
-    from transformers import Blip2QFormerConfig, Blip2QFormerModel
-
-    from model import load_sam_encoder
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel  # optional: a test-only dependency
 
     encoder = load_sam_encoder(encoder_path)
     encoder.train()

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, get_args, get_origin, get_type_hints
 
+from data.normalization import NORMALIZATIONS
+from utils import atomic_write_text
 
 MODEL_NAMES = ("sam_med3d_turbo", "tiny")
 SCHEDULER_TYPES = ("reduce_on_plateau", "cosine", "step")
 PROMPT_MODES = ("clicks", "none", "mixed")
-NORMALIZATIONS = ("zscore", "minmax", "none", "sam_med3d")
 DEVICES = ("auto", "cuda", "cpu")
 # Weights each architecture starts from unless told otherwise: the published file where one exists.
 CHECKPOINT_DEFAULTS = {"sam_med3d_turbo": "turbo", "tiny": None}
@@ -223,11 +224,10 @@ class Config:
         d, m, t, lg = self.data, self.model, self.train, self.log
 
         if not self.test:
-            for name in ("train_csv", "val_csv", "mask_dir"):
-                if getattr(d, name) is None:
+            for name, value in (("train_csv", d.train_csv), ("val_csv", d.val_csv), ("mask_dir", d.mask_dir)):
+                if value is None:
                     problems.append(f"--{name} is required (or use --test for the synthetic self-check)")
-            for name in ("train_csv", "val_csv"):
-                path = getattr(d, name)
+            for name, path in (("train_csv", d.train_csv), ("val_csv", d.val_csv)):
                 if path is not None and not Path(path).is_file():
                     problems.append(f"--{name} {path}: file not found")
             if d.mask_dir is not None and not Path(d.mask_dir).is_dir():
@@ -297,8 +297,6 @@ class Config:
         return warnings
 
     def save(self, path: str | os.PathLike) -> None:
-        from utils import atomic_write_text  # local import keeps config importable on its own
-
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
 
 

@@ -7,6 +7,8 @@ The architecture lives in ``modeling/`` (one component per file). This module ho
 - ``load_pretrained(model, path_or_alias, strict=True)``: the published SAM-Med3D-turbo file (``model_state_dict``
   plus a pickled ``args`` Namespace), a bare state dict, or this project's ``best_model.pth``/``latest_model.pth``;
   ``module.`` prefixes are stripped; the alias ``turbo`` resolves through the Hugging Face cache.
+- ``load_trained(path)``: (model, config) from one of this project's checkpoints, the one "checkpoint → model"
+  (predict.py and the BLIP-2 checks use it; the trainer's resume shares its checks, ``read_trained_checkpoint``).
 - ``export_encoder`` / ``load_sam_encoder`` / ``load_representation_head``: the BLIP-2 file (``modeling/export.py``).
 
 Project modules and the published file: SAM-Med3D checkpoints have no ``representation_head.*`` or ``refiner.*``
@@ -16,16 +18,21 @@ checkpoints (they carry ``config``) must match everything, head and refiner incl
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import huggingface_hub
+import huggingface_hub.constants
 import torch
 from torch import nn
+
+from config import Config, ModelConfig
 
 from modeling.checkpoint import (CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, as_state_dict,
                                  diff_state_dicts, first_error_line, read_checkpoint, strip_wrapper_prefixes, unwrap_model)
@@ -38,16 +45,14 @@ from modeling.refiner import MaskRefiner3D
 from modeling.representation_head import RepresentationHead
 from modeling.sam_med3d import SamMed3D
 
-if TYPE_CHECKING:
-    from config import ModelConfig
-
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CHECKPOINT_ALIASES", "EXPORT_FORMAT_VERSION", "MODEL_REGISTRY", "TURBO_CHECKPOINT_URL", "CheckpointError",
     "CheckpointMismatchError", "CheckpointNotFoundError", "CheckpointUnavailableError", "LoadReport", "SamMed3D",
     "SamVisualEncoder", "build_model", "build_sam_med3d_turbo", "build_tiny", "export_encoder", "load_pretrained",
-    "load_representation_head", "load_sam_encoder", "resolve_checkpoint", "trainable_parameters",
+    "load_representation_head", "load_sam_encoder", "load_trained", "load_trained_weights", "model_from_trained",
+    "read_trained_checkpoint", "resolve_checkpoint", "trainable_parameters",
 ]
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -203,15 +208,11 @@ def resolve_checkpoint(path_or_alias: str | Path) -> Path:
 
 def _hub_offline() -> bool:
     """HF_HUB_OFFLINE read now (huggingface_hub itself reads it once, at import)."""
-    import huggingface_hub.constants
-
     flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
     return flag or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
 def _resolve_hub_file(alias: str, hub: HubFile) -> Path:
-    import huggingface_hub  # lazy: only aliases need it
-
     cached = huggingface_hub.try_to_load_from_cache(hub.repo_id, hub.filename)
     if isinstance(cached, str):  # a purely local lookup; works offline too
         logger.info("pretrained checkpoint '%s': %s (Hugging Face cache)", alias, cached)
@@ -299,3 +300,52 @@ def file_sha256(path: str | Path) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# This project's checkpoints
+# ------------------------------------------------------------------------------------------------------------------
+
+TRAINED_KEYS = ("model_state_dict", "config")
+
+
+def read_trained_checkpoint(path: str | Path, required: tuple[str, ...] = TRAINED_KEYS) -> dict[str, Any]:
+    """The content of one of this project's checkpoints (best_model.pth, latest_model.pth, checkpoint_epoch_*.pth),
+    read safely (``read_checkpoint``: weights_only, CPU). CheckpointError naming the file when it is unreadable,
+    unsafe, or lacks any of ``required`` (the trainer's resume also requires the optimizer state and epoch)."""
+    state = read_checkpoint(path)
+    missing = [key for key in required if key not in state] if isinstance(state, dict) else list(required)
+    if missing:
+        raise CheckpointError(f"{path}: not a checkpoint written by train.py (missing {', '.join(missing)}; use "
+                              "best_model.pth or latest_model.pth)")
+    return state
+
+
+def load_trained_weights(model: nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    """Load a checkpoint's ``model_state_dict`` into ``model`` strictly; CheckpointMismatchError naming the file
+    and listing missing, unexpected and mis-shaped keys otherwise (nothing is loaded then)."""
+    target = unwrap_model(model)
+    weights = as_state_dict(state["model_state_dict"], Path(path), "model_state_dict")
+    diff = diff_state_dicts(weights, target.state_dict())
+    if not diff.ok:
+        name = state.get("config", {}).get("model", {}).get("name")
+        raise CheckpointMismatchError(f"{path}: weights do not fit the '{name}' architecture named in its "
+                                      f"config:\n{diff.describe()}")
+    target.load_state_dict(weights, strict=True)
+
+
+def model_from_trained(state: dict[str, Any], path: str | Path, device: str | torch.device = "cpu"
+                       ) -> tuple[SamMed3D, Config]:
+    """(model in eval mode on ``device``, its Config) from a checkpoint's content (``read_trained_checkpoint``).
+    The model is rebuilt from the saved config without pretrained weights (the checkpoint holds them all)."""
+    config = Config.from_dict(state["config"])
+    model = build_model(dataclasses.replace(config.model, pretrained_checkpoint=None,
+                                            use_gradient_checkpointing=False))
+    load_trained_weights(model, state, path)
+    return model.to(device).eval(), config
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[SamMed3D, Config]:
+    """(model in eval mode, its Config) from one of this project's checkpoints; CheckpointError naming the file
+    for anything that is not one or does not fit its own architecture."""
+    return model_from_trained(read_trained_checkpoint(path), path, device)

@@ -2,30 +2,48 @@
 
     python predict.py --checkpoint outputs/best_model.pth --input scans/ --output_dir preds
     python predict.py --checkpoint outputs/best_model.pth --input val.csv --mask_dir masks --output_dir eval
-    python predict.py --checkpoint outputs/best_model.pth --input 049.pkl --points "250,260,14" --output_dir preds
+    python predict.py --checkpoint outputs/best_model.pth --input 049.pkl --points "250,260,14;240,300,15,0" \
+        --output_dir preds
 
-Preprocessing is read from the checkpoint's saved config (the exact training pipeline). Each scan gets a mask in its
-original grid (``049.pkl`` → ``049.nii.gz``), a row in ``predictions.csv`` and, on request, a probability map and a
-PNG overlay. With ``--mask_dir`` the run also writes ``metrics.csv`` and ``volume_agreement.png``. A bad file is
-reported and skipped; the exit code is 1 when any scan failed.
+Preprocessing is read from the checkpoint (the exact training pipeline), and scans, masks, CSVs and spacing are read
+by the same functions training uses (``data.io``, ``data.cohort``), so predict accepts exactly the files training
+accepts. Each scan gets a mask in its original grid (``049.pkl`` → ``049.nii.gz``), a row in ``predictions.csv``
+and, on request, a probability map and a PNG overlay. Clicks (``--points``, positive and negative, applied in order)
+refine the prompt-free answer SAM-style (``inference.apply_clicks``). With ``--mask_dir`` the run also writes
+``metrics.csv`` (prompt-free, and after 1, 3 and 5 simulated clicks on the largest remaining error) and
+``volume_agreement.png``. A bad file is reported and skipped; the exit code is 1 when any scan failed.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
+from scipy import ndimage
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+import metrics
+import reporting
+import utils
+from config import Config
+from data.cohort import read_scan_csv
+from data.io import (IMAGE_SUFFIXES, MaskIndex, case_id_from_path, in_image_axes, is_image_file, load_image_file,
+                     load_mask_file, matching_axes, read_mask_header, resolve_spacing)
+from data.preprocess import Preprocessing, preprocess_image, resample_to_shape
+from data.records import Problem
+from inference import (SIMULATED_CLICKS, Click, apply_clicks, choose_amp_dtype, simulated_click_logits,
+                       sliding_window_logits)
+from model import CheckpointError, model_from_trained, read_trained_checkpoint
 
 logger = logging.getLogger("ichseg.predict")
-
-IMAGE_SUFFIXES = (".pkl", ".nii", ".nii.gz", ".npy", ".npz")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +60,7 @@ class PredictConfig:
     save_png: bool
     device: str
     use_mixed_precision: bool
+    simulate_clicks: list[int] = dataclasses.field(default_factory=lambda: list(SIMULATED_CLICKS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,14 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="best_model.pth or latest_model.pth from train.py.")
     parser.add_argument("--input", required=True,
-                        help="A volume (.pkl, .nii, .nii.gz, .npy, .npz), a folder of them, or a CSV in the "
-                             "training format (path,ich,patient_id).")
+                        help=f"A volume ({', '.join(IMAGE_SUFFIXES)}), a folder of them, or a CSV in the "
+                             "training format (path,ich,patient_id; only path is required).")
     parser.add_argument("--output_dir", default="./predictions", help="Where masks and tables are written.")
     parser.add_argument("--mask_dir", default=None,
                         help="Ground-truth masks (training naming rule): enables evaluation (metrics.csv).")
     parser.add_argument("--points", default=None,
-                        help="Clicks on hemorrhage for a single input, in original voxel coordinates of array "
-                             "axes 0,1,2: 'x,y,z;x,y,z'. Append ',0' to a click for background.")
+                        help="Clicks for a single input, in original voxel coordinates of array axes 0,1,2, applied "
+                             "in order: 'x,y,z;x,y,z,0' (a fourth value 0 marks a background click, 1 or nothing "
+                             "hemorrhage). Each click refines the current answer around it; other foci are kept.")
+    parser.add_argument("--simulate_clicks", type=int, nargs="*", default=list(SIMULATED_CLICKS), metavar="K",
+                        help="With --mask_dir: also report Dice after K simulated clicks, each on the largest "
+                             "remaining error (default: 1 3 5; give no value to skip).")
     parser.add_argument("--spacing", type=float, nargs=3, default=None, metavar="MM",
                         help="Voxel spacing (mm, array axis order) for scans whose file carries none and that have "
                              "no mask header to read it from (default: the training run's --spacing).")
@@ -81,11 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_points(text: str | None) -> tuple[list[tuple[float, float, float]], list[int]]:
-    """'x,y,z;x,y,z,0' → points and labels (1 unless a fourth value 0 marks a background click)."""
+def parse_points(text: str | None) -> list[Click]:
+    """'x,y,z;x,y,z,0' → clicks in original voxel coordinates (positive unless a fourth value 0 marks background)."""
     if not text:
-        return [], []
-    points, labels = [], []
+        return []
+    clicks = []
     for chunk in filter(None, (c.strip() for c in text.split(";"))):
         values = [v.strip() for v in chunk.split(",")]
         if len(values) not in (3, 4):
@@ -97,117 +120,93 @@ def parse_points(text: str | None) -> tuple[list[tuple[float, float, float]], li
             raise ValueError(f"--points: '{chunk}' is not numeric") from error
         if label not in (0, 1):
             raise ValueError(f"--points: label in '{chunk}' must be 0 or 1")
-        points.append(coords)
-        labels.append(label)
-    return points, labels
+        clicks.append(Click(point=coords, positive=bool(label)))  # type: ignore[arg-type]
+    return clicks
 
 
 def collect_inputs(input_path: Path) -> list[ScanInput]:
-    """A file, a folder of image files, or a CSV with a ``path`` column (relative paths from the CSV's folder)."""
+    """A file, a folder of image files, or a CSV read like the training CSVs (``read_scan_csv``: ``path`` column,
+    optional ``ich``; relative paths from the CSV's folder). Accepts exactly the file kinds training accepts."""
     if not input_path.exists():
         raise FileNotFoundError(f"--input {input_path}: no such file or folder")
     if input_path.is_dir():
-        files = sorted(p for p in input_path.iterdir() if p.is_file() and _is_image(p))
+        files = sorted(p for p in input_path.iterdir() if p.is_file() and is_image_file(p))
         if not files:
             raise ValueError(f"--input {input_path}: no {', '.join(IMAGE_SUFFIXES)} files in this folder")
         return [ScanInput(p) for p in files]
     if input_path.suffix.lower() == ".csv":
-        import pandas as pd
-
-        table = pd.read_csv(input_path)
-        if "path" not in table.columns:
-            raise ValueError(f"--input {input_path}: CSV has no 'path' column (columns: {list(table.columns)})")
-        scans = []
-        for _, row in table.iterrows():
-            path = Path(str(row["path"]))
-            path = path if path.is_absolute() else (input_path.parent / path)
-            ich = int(row["ich"]) if "ich" in table.columns and not pd.isna(row["ich"]) else None
-            scans.append(ScanInput(path, ich))
-        return scans
-    if not _is_image(input_path):
+        problems: list[Problem] = []
+        rows = read_scan_csv(input_path, "input", problems, required=("path",))
+        if problems:
+            raise ValueError(f"--input {input_path}:\n" + "\n".join(f"  - {p}" for p in problems))
+        return [ScanInput(row.image_path, row.ich) for row in rows]
+    if not is_image_file(input_path):
         raise ValueError(f"--input {input_path}: expected one of {', '.join(IMAGE_SUFFIXES)}, a folder or a CSV")
     return [ScanInput(input_path)]
-
-
-def _is_image(path: Path) -> bool:
-    return any(path.name.lower().endswith(suffix) for suffix in IMAGE_SUFFIXES)
-
-
-def file_stem(path: Path) -> str:
-    name = path.name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 class Predictor:
     """A checkpoint loaded once; ``segment`` maps one raw volume to a mask in its original grid."""
 
     def __init__(self, checkpoint: Path, device: torch.device, use_mixed_precision: bool = False):
-        from config import Config
-        from model import build_model
-        from trainer import choose_amp_dtype
-
-        state = _load_checkpoint(checkpoint)
-        self.config = Config.from_dict(state["config"])
-        model_config = dataclasses.replace(self.config.model, pretrained_checkpoint=None,
-                                           use_gradient_checkpointing=False)
-        self.model = build_model(model_config)
         try:
-            self.model.load_state_dict(state["model_state_dict"], strict=True)
-        except RuntimeError as error:
-            raise PredictionError(f"{checkpoint}: weights do not fit the '{model_config.name}' architecture "
-                                  f"named in its config: {error}") from error
-        self.model.to(device).eval()
+            state = read_trained_checkpoint(checkpoint)
+            self.model, self.config = model_from_trained(state, checkpoint, device)
+        except CheckpointError as error:  # names the file; nothing in it was executed
+            raise PredictionError(f"--checkpoint {error}") from error
         self.device = device
         self.amp_dtype = choose_amp_dtype(device, use_mixed_precision)
         self.roi_size = int(self.model.img_size)
+        self.preprocessing = trained_preprocessing(state, self.config, self.roi_size)
 
-    def segment(self, image: np.ndarray, spacing: Sequence[float], points: Sequence[Sequence[float]] = (),
-                labels: Sequence[int] = ()) -> np.ndarray:
-        """Probability map (float32, same shape as ``image``) for a raw HU volume with voxel ``spacing``.
+    def prepare(self, image: np.ndarray, spacing: Sequence[float]) -> torch.Tensor:
+        """Raw HU volume -> the model's input grid: 1×1×D'×H'×W' on the device (the checkpoint's preprocessing)."""
+        prepared = preprocess_image(image, spacing, self.preprocessing)
+        return torch.as_tensor(prepared, dtype=torch.float32)[None].to(self.device)
 
-        ``points`` are voxel coordinates of ``image`` (array axes 0, 1, 2).
-        """
-        from dataloader import preprocess_image, resample_to_shape
-        from inference import click_refined_logits, sliding_window_logits
+    def segment(self, image: np.ndarray, spacing: Sequence[float], clicks: Sequence[Click] = (),
+                truth: np.ndarray | None = None, simulate: Sequence[int] = ()) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """Segment a raw HU volume with voxel ``spacing``: prompt-free, then refined by ``clicks`` (voxel coordinates
+        of ``image``, array axes 0, 1, 2) in order. Returns the probability map (float32, the shape of ``image``)
+        and, with ``truth`` (D×H×W, the scan's mask) and ``simulate``, {k: probability map after k simulated
+        clicks} starting from the prompt-free answer (``inference.simulated_click_logits``; the clicks are placed
+        against ``truth`` resampled to the model's grid, as in training validation)."""
+        for click in clicks:
+            if any(not 0 <= c <= n - 1 for c, n in zip(click.point, image.shape)):
+                raise ValueError(f"click {tuple(click.point)} lies outside the volume of shape {image.shape}")
+        volume = self.prepare(image, spacing)
+        free = sliding_window_logits(self.model, volume, self.roi_size, self.amp_dtype)
+        logits = free
+        if clicks:
+            moved = [Click(to_model_grid(c.point, image.shape, volume.shape[2:]), c.positive) for c in clicks]
+            logits = apply_clicks(self.model, volume, free, moved, self.roi_size, self.amp_dtype)
+        simulated: dict[int, np.ndarray] = {}
+        if truth is not None and simulate:
+            label = resample_to_shape(np.asarray(truth, dtype=np.uint8)[None], volume.shape[2:], "nearest")
+            clicked = simulated_click_logits(self.model, volume, torch.as_tensor(label)[None].to(self.device), free,
+                                             self.roi_size, self.amp_dtype, simulate)
+            simulated = {k: self.to_original_grid(v, image.shape) for k, v in clicked.items()}
+        return self.to_original_grid(logits, image.shape), simulated
 
-        prepared = preprocess_image(image, spacing, self.config.data)
-        volume = torch.as_tensor(prepared, dtype=torch.float32)[None].to(self.device)
-        logits = sliding_window_logits(self.model, volume, self.roi_size, self.amp_dtype)
-        for point in points:
-            if len(point) != 3 or any(not 0 <= c <= n - 1 for c, n in zip(point, image.shape)):
-                raise ValueError(f"click {tuple(point)} lies outside the volume of shape {image.shape}")
-        if len(points):
-            # Clicks move with the resampling; voxel centres follow resample_to_shape's align_corners=False grid.
-            scale = np.array(volume.shape[2:], dtype=float) / np.array(image.shape, dtype=float)
-            upper = np.array(volume.shape[2:], dtype=float) - 1
-            scaled = [tuple(np.clip((np.array(p) + 0.5) * scale - 0.5, 0, upper)) for p in points]
-            logits = click_refined_logits(self.model, volume, logits, scaled, list(labels), self.roi_size,
-                                          self.amp_dtype)
+    @staticmethod
+    def to_original_grid(logits: torch.Tensor, shape: Sequence[int]) -> np.ndarray:
+        """1×1×D'×H'×W' logits -> probabilities resampled back onto the scan's own D×H×W grid (float32)."""
         probabilities = torch.sigmoid(logits)[0].cpu().numpy()
-        restored = resample_to_shape(probabilities, image.shape, mode="trilinear")
-        return np.asarray(restored, dtype=np.float32).reshape(image.shape)
+        restored = resample_to_shape(probabilities, shape, mode="trilinear")
+        return np.asarray(restored, dtype=np.float32).reshape(tuple(shape))
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    from model import CheckpointError
-    from modeling.checkpoint import read_checkpoint
-
-    try:
-        state = read_checkpoint(path)
-    except CheckpointError as error:  # names the file; nothing in it was executed
-        raise PredictionError(f"--checkpoint {error}") from error
-    if not isinstance(state, dict) or "model_state_dict" not in state or "config" not in state:
-        raise PredictionError(f"--checkpoint {path}: not a checkpoint written by train.py (expected the keys "
-                              "model_state_dict and config; use best_model.pth or latest_model.pth)")
-    return state
+def to_model_grid(point: Sequence[float], shape: Sequence[int], model_shape: Sequence[int]
+                  ) -> tuple[float, float, float]:
+    """A voxel coordinate of the original grid in the preprocessed grid: voxel centres follow resample_to_shape's
+    align_corners=False convention (the grid spans the same physical extent), clipped inside the volume."""
+    scale = np.asarray(model_shape, dtype=float) / np.asarray(shape, dtype=float)
+    moved = np.clip((np.asarray(point, dtype=float) + 0.5) * scale - 0.5, 0, np.asarray(model_shape, dtype=float) - 1)
+    return tuple(float(c) for c in moved)  # type: ignore[return-value]
 
 
 def largest_component_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
-    from scipy import ndimage
-
+    """Volume (mL) of the largest 6-connected blob of ``mask`` (see inference.interior_point for why scipy)."""
     components, count = ndimage.label(mask > 0)
     if count == 0:
         return 0.0
@@ -215,47 +214,42 @@ def largest_component_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
     return float(sizes.max()) * float(np.prod(spacing)) / 1000.0
 
 
+def trained_preprocessing(state: dict[str, Any], config: Config, input_size: int) -> Preprocessing:
+    """The preprocessing a checkpoint's model was trained with: its ``preprocessing`` entry; checkpoints written
+    before that entry existed (pipeline version 1) carry it only inside their config."""
+    if "preprocessing" in state:
+        return Preprocessing.from_dict(state["preprocessing"])
+    return Preprocessing.from_config(config.data, input_size, pipeline_version=1)
+
+
 def scan_geometry(path: Path, meta: dict[str, Any], shape: Sequence[int], mask_path: Path | None,
                   fallback_spacing: Sequence[float]) -> tuple[tuple[float, float, float], np.ndarray]:
-    """Voxel spacing and affine of a raw scan, in the order the training data used: the file's own metadata,
-    else its mask's NIfTI header (reordered when the mask is stored with permuted axes), else ``fallback_spacing``
-    (predict.py's ``--spacing``, by default the training run's)."""
-    import nibabel as nib
-
-    from dataloader import mask_header_spacing, matching_axes
-
-    spacing, affine = meta.get("spacing"), meta.get("affine")
-    if spacing is None and mask_path is not None:
-        header_spacing = mask_header_spacing(mask_path)
-        mask_header = nib.load(str(mask_path))  # header only: nibabel reads voxel data lazily
-        axes = matching_axes(shape, mask_header.shape[:3])
-        if header_spacing is not None and axes is not None:
-            spacing = tuple(header_spacing[a] for a in axes)
-            if affine is None and axes == (0, 1, 2):
-                affine = mask_header.affine
-    if spacing is None:
-        spacing = tuple(fallback_spacing)
+    """Voxel spacing and affine of a raw scan. Spacing follows training's rule (``resolve_spacing``): the file's
+    own, else its mask's NIfTI header (reordered when the mask is stored with permuted axes), else
+    ``fallback_spacing`` (``--spacing``, by default the training run's). The affine is the file's, else the mask
+    header's when the mask has the image's axis order, else diagonal."""
+    header = read_mask_header(mask_path) if meta.get("spacing") is None and mask_path is not None else None
+    axes = matching_axes(shape, header.shape) if header is not None else None
+    spacing, source = resolve_spacing(meta.get("spacing"), in_image_axes(header.spacing if header else None, axes),
+                                      fallback_spacing)
+    if source == "fallback":
         logger.warning("%s: no spacing in the file or a mask header; using the fallback spacing %s mm "
                        "(--spacing)", path, spacing)
-    spacing = tuple(float(s) for s in spacing)
+    affine = meta.get("affine")
+    if affine is None and source == "mask_header" and axes == (0, 1, 2):
+        affine = header.affine
     if affine is None:
         affine = np.diag([*spacing, 1.0])
     return spacing, np.asarray(affine, dtype=float)
 
 
 def run(config: PredictConfig) -> int:
-    import nibabel as nib
-    from tqdm import tqdm
-
-    import metrics
-    import utils
-    from dataloader import MaskIndex, load_image_file, load_mask_file
-
+    """Segment (and evaluate) every input scan; returns the exit code (1 when any scan failed)."""
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    points, point_labels = parse_points(config.points)
+    clicks = parse_points(config.points)
     scans = collect_inputs(Path(config.input))
-    if points and len(scans) != 1:
+    if clicks and len(scans) != 1:
         raise ValueError(f"--points applies to a single input scan, got {len(scans)} scans")
     masks = MaskIndex(config.mask_dir) if config.mask_dir else None
     device = utils.resolve_device(config.device)
@@ -268,49 +262,25 @@ def run(config: PredictConfig) -> int:
     prediction_rows: list[dict[str, Any]] = []
     metric_rows: list[dict[str, Any]] = []
     failures: list[str] = []
-    for scan in tqdm(scans, desc="scans", unit="scan"):
-        started = time.time()
-        try:
-            image, meta = load_image_file(scan.path)
-            mask_path = masks.find(scan.path) if masks is not None else None
-            spacing, affine = scan_geometry(scan.path, meta, image.shape, mask_path,
-                                            config.spacing or predictor.config.data.spacing)
-            probabilities = predictor.segment(image, spacing, points, point_labels)
-        except (OSError, ValueError, RuntimeError) as error:
-            failures.append(f"{scan.path}: {error}")
-            logger.error("%s: skipped: %s", scan.path, error)
-            continue
-        mask = (probabilities >= config.threshold).astype(np.uint8)
-        stem = file_stem(scan.path)
-        nib.save(nib.Nifti1Image(mask, affine), str(output_dir / f"{stem}.nii.gz"))
-        if config.save_probabilities:
-            nib.save(nib.Nifti1Image(probabilities.astype(np.float32), affine), str(output_dir / f"{stem}_prob.nii.gz"))
-        volume = metrics.volume_ml(mask, spacing)
-        truth = None
-        if mask_path is not None:
-            truth = load_mask_file(mask_path, expected_shape=image.shape)
-            row = {"file": scan.path.name, **metrics.segmentation_metrics(mask, truth, spacing)}
-            metric_rows.append(row)
-        elif config.mask_dir and scan.ich == 1:
-            logger.warning("%s: ICH-positive in the CSV but no mask in %s; not evaluated", scan.path,
-                           config.mask_dir)
-        elif config.mask_dir:
-            truth = np.zeros_like(mask)  # ICH-negative scans have no mask file: an empty ground truth
-            metric_rows.append({"file": scan.path.name, **metrics.segmentation_metrics(mask, truth, spacing)})
-        if config.save_png:
-            utils.save_overlay_png(image, truth if truth is not None else np.zeros_like(mask), mask,
-                                   output_dir / f"{stem}.png", f"{scan.path.name}: {volume:.1f} mL")
-        prediction_rows.append({
-            "file": scan.path.name, "ich_predicted": "yes" if volume > threshold_ml else "no",
-            "volume_ml": round(volume, 3), "largest_component_ml": round(largest_component_ml(mask, spacing), 3),
-            "runtime_s": round(time.time() - started, 3)})
+    with logging_redirect_tqdm():  # log lines go through tqdm.write, so the progress bar stays intact
+        for scan in tqdm(scans, desc="scans", unit="scan"):
+            row = _predict_scan(scan, config, predictor, masks, clicks, threshold_ml, failures)
+            if row is not None:
+                prediction, evaluation = row
+                prediction_rows.append(prediction)
+                if evaluation is not None:
+                    metric_rows.append(evaluation)
 
-    _write_csv(output_dir / "predictions.csv", prediction_rows)
+    reporting.write_table_csv(output_dir / "predictions.csv", prediction_rows, key_column="file")
     if metric_rows:
-        _write_csv(output_dir / "metrics.csv", metric_rows)
+        reporting.write_table_csv(output_dir / "metrics.csv", metric_rows, key_column="file")
         summary = metrics.summarize(metric_rows, detection_threshold_ml=threshold_ml)
+        for k in config.simulate_clicks:
+            positives = [r for r in metric_rows if r["volume_true_ml"] > 0]
+            summary[f"dice_positive_{k}click"] = (float(np.mean([r[f"dice_{k}click"] for r in positives]))
+                                                  if positives else float("nan"))
         logger.info("evaluation over %d scans\n%s", len(metric_rows), format_summary(summary))
-        plot_volume_agreement(metric_rows, output_dir / "volume_agreement.png")
+        reporting.plot_volume_agreement(metric_rows, output_dir / "volume_agreement.png")
     logger.info("wrote %d prediction(s) to %s", len(prediction_rows), output_dir)
     if failures:
         logger.error("%d scan(s) failed:\n  %s", len(failures), "\n  ".join(failures))
@@ -318,55 +288,63 @@ def run(config: PredictConfig) -> int:
     return 0
 
 
+def _predict_scan(scan: ScanInput, config: PredictConfig, predictor: Predictor, masks: MaskIndex | None,
+                  clicks: Sequence[Click], threshold_ml: float, failures: list[str]) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    """Segment one scan and write its files; returns its predictions.csv row and, with ``--mask_dir``, its
+    metrics.csv row (None when not evaluated). A scan that cannot be read or segmented is logged, added to
+    ``failures`` and skipped (None)."""
+    output_dir = Path(config.output_dir)
+    started = time.time()
+    try:
+        image, meta = load_image_file(scan.path)
+        mask_path = masks.find(scan.path) if masks is not None else None
+        spacing, affine = scan_geometry(scan.path, meta, image.shape, mask_path,
+                                        config.spacing or predictor.config.data.spacing)
+        truth = None
+        if mask_path is not None:
+            truth = load_mask_file(mask_path, expected_shape=image.shape)
+        elif config.mask_dir and scan.ich == 1:
+            logger.warning("%s: ICH-positive in the CSV but no mask in %s; not evaluated", scan.path,
+                           config.mask_dir)
+        elif config.mask_dir:
+            truth = np.zeros(image.shape, dtype=np.uint8)  # ICH-negative scans have no mask file: empty truth
+        probabilities, clicked = predictor.segment(image, spacing, clicks, truth, config.simulate_clicks)
+    except (OSError, ValueError, RuntimeError) as error:
+        failures.append(f"{scan.path}: {error}")
+        logger.error("%s: skipped: %s", scan.path, error)
+        return None
+    mask = (probabilities >= config.threshold).astype(np.uint8)
+    stem = case_id_from_path(scan.path)
+    nib.save(nib.Nifti1Image(mask, affine), str(output_dir / f"{stem}.nii.gz"))
+    if config.save_probabilities:
+        nib.save(nib.Nifti1Image(probabilities.astype(np.float32), affine), str(output_dir / f"{stem}_prob.nii.gz"))
+    volume = metrics.volume_ml(mask, spacing)
+    evaluation = None
+    if truth is not None:
+        evaluation = {"file": scan.path.name, **metrics.segmentation_metrics(mask, truth, spacing)}
+        for k, clicked_probabilities in clicked.items():
+            evaluation[f"dice_{k}click"] = metrics.dice(clicked_probabilities >= config.threshold, truth)
+    if config.save_png:
+        reporting.save_overlay_png(image, truth if truth is not None else np.zeros_like(mask), mask,
+                                   output_dir / f"{stem}.png", f"{scan.path.name}: {volume:.1f} mL")
+    prediction = {"file": scan.path.name, "ich_predicted": "yes" if volume > threshold_ml else "no",
+                  "volume_ml": round(volume, 3),
+                  "largest_component_ml": round(largest_component_ml(mask, spacing), 3),
+                  "runtime_s": round(time.time() - started, 3)}
+    return prediction, evaluation
+
+
 def format_summary(summary: dict[str, float]) -> str:
-    labels = {"dice": "Dice (all scans)", "dice_positive": "Dice (ICH-positive scans)", "hd95_mm": "HD95 (mm)",
-              "volume_abs_error_ml": "|volume error| (mL)", "sensitivity": "detection sensitivity",
+    labels = {"dice": "Dice (all scans)", "dice_positive": "Dice (ICH-positive scans)",
+              **{key: f"  after {key.split('_')[-1][:-5]} simulated click(s)" for key in summary
+                 if key.startswith("dice_positive_")},
+              "hd95_mm": "HD95 (mm)", "volume_abs_error_ml": "|volume error| (mL)",
+              "negative_fp_ml": "false-positive mL (negatives)", "sensitivity": "detection sensitivity",
               "specificity": "detection specificity"}
-    return "\n".join(f"  {text:<28} {summary[key]:.4f}" for key, text in labels.items())
-
-
-def plot_volume_agreement(rows: Iterable[dict[str, Any]], path: Path) -> None:
-    """Scatter of predicted vs true volume and a Bland–Altman plot (difference vs mean, ±1.96 SD)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = list(rows)
-    true = np.array([r["volume_true_ml"] for r in rows])
-    pred = np.array([r["volume_pred_ml"] for r in rows])
-    figure = Figure(figsize=(10, 4.5))
-    FigureCanvasAgg(figure)
-    scatter, bland = figure.subplots(1, 2)
-    top = max(float(true.max(initial=0)), float(pred.max(initial=0)), 1.0) * 1.05
-    scatter.scatter(true, pred, s=18)
-    scatter.plot([0, top], [0, top], "k--", linewidth=1)
-    scatter.set(xlabel="true volume (mL)", ylabel="predicted volume (mL)", title="Hematoma volume",
-                xlim=(0, top), ylim=(0, top))
-    mean, diff = (true + pred) / 2, pred - true
-    bias, spread = float(diff.mean()), float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
-    bland.scatter(mean, diff, s=18)
-    for value, style in ((bias, "-"), (bias + 1.96 * spread, "--"), (bias - 1.96 * spread, "--")):
-        bland.axhline(value, color="k", linestyle=style, linewidth=1)
-    bland.set(xlabel="mean of predicted and true (mL)", ylabel="predicted − true (mL)",
-              title=f"Bland–Altman (bias {bias:+.2f} mL)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    from utils import atomic_write_text
-    import io
-
-    buffer = io.StringIO()
-    fields = list(rows[0]) if rows else ["file"]
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
+    return "\n".join(f"  {text:<34} {summary[key]:.4f}" for key, text in labels.items())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import utils
-
     args = build_parser().parse_args(argv)
     config = PredictConfig(**vars(args))
     utils.setup_logging(Path(config.output_dir), rank=0, log_name="predict.log")

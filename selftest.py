@@ -19,6 +19,7 @@ import torch
 
 import blip2
 from config import Config, build_config
+from synthetic import generate_cohort
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,10 @@ SELFTEST_EPOCHS = 30
 SELFTEST_MIN_DICE = 0.25
 EXPECTED_FILES = ("best_model.pth", "latest_model.pth", "sam_encoder.pth", "config.json", "metrics.csv",
                   "learning_curves.png", "train.log", "dataset_stats.json")
+
+
+# What the self-test runs: train.run_training, passed in by train.py (so this module does not import its caller).
+RunTraining = Callable[..., tuple[int, dict | None]]
 
 
 @dataclasses.dataclass
@@ -60,11 +65,9 @@ def _run_check(checks: list[Check], name: str, fn: Callable[[], str]) -> None:
         checks.append(Check(name, False, f"{type(error).__name__}: {error}"))
 
 
-def run_self_test(base: Config) -> int:
-    """Generate a cohort, train, verify; prints the report and returns the exit code (0 PASS, 1 FAIL)."""
-    from synthetic import generate_cohort
-    from train import run_training
-
+def run_self_test(base: Config, run_training: RunTraining) -> int:
+    """Generate a cohort, train with ``run_training(config, warnings) -> (exit code, summary)``, verify; prints
+    the report and returns the exit code (0 PASS, 1 FAIL)."""
     started = time.time()
     checks: list[Check] = []
     with tempfile.TemporaryDirectory(prefix="ichseg-selftest-") as tmp:

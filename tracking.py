@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol
 from urllib.parse import urlparse
 
-from utils import to_jsonable
+from reporting import to_jsonable
 
 logger = logging.getLogger(__name__)
 

@@ -19,6 +19,16 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+import dataloader
+import tracking
+import utils
+from config import Config, ConfigError, build_config, replace_section
+from memory import estimate_training_memory_gb
+from model import CheckpointError, CheckpointUnavailableError, build_model, resolve_checkpoint
+from selftest import run_self_test
+from trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
 logger = logging.getLogger("ichseg.train")
 
@@ -43,15 +53,8 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device | None]:
     return rank, world_size, device
 
 
-def run_training(config, config_warnings: Sequence[str] = ()) -> tuple[int, dict | None]:
+def run_training(config: Config, config_warnings: Sequence[str] = ()) -> tuple[int, dict | None]:
     """The real pipeline for a validated Config; returns (exit code, training summary or None)."""
-    import dataloader
-    import tracking
-    import utils
-    from config import replace_section
-    from model import CheckpointError, CheckpointUnavailableError, build_model, resolve_checkpoint
-    from trainer import NonFiniteLossError, Trainer, TrainingInterrupted
-
     rank, world_size, device = init_distributed(config.train.device)
     output_dir = Path(config.train.output_dir)
     if rank == 0:
@@ -87,26 +90,27 @@ def run_training(config, config_warnings: Sequence[str] = ()) -> tuple[int, dict
             logger.info("dataset statistics\n%s", dataloader.format_stats_table(stats))
 
         model = build_model(config.model)
-        m, t = config.model, config.train
-        estimate = utils.estimate_training_memory_gb(
-            m.name, t.batch_size, t.use_mixed_precision, m.use_gradient_checkpointing, model.img_size,
-            freeze_encoder=m.freeze_encoder, click_rounds=t.click_rounds,
-            num_parameters=sum(p.numel() for p in model.parameters()))
+        # The one Preprocessing of the run: the loaders use it, checkpoints and sam_encoder.pth store it.
+        preprocessing = dataloader.Preprocessing.from_config(config.data, model.img_size)
+        t = config.train
+        estimate = estimate_training_memory_gb(model, t.batch_size, t.use_mixed_precision,
+                                               click_rounds=t.click_rounds)
         if rank == 0:
             # On CPU the same activations and optimiser states live in RAM, so the estimate applies there.
             utils.run_system_checks(device, output_dir,
                                     estimated_gpu_gb=estimate if device.type == "cuda" else None,
                                     estimated_ram_gb=None if device.type == "cuda" else estimate)
         train_loader, val_loader = dataloader.build_dataloaders(
-            config.data, cohort, roi_size=model.img_size, batch_size=t.batch_size, device=device, seed=t.seed,
-            rank=rank, world_size=world_size)
+            config.data, preprocessing, cohort, batch_size=t.batch_size, device=device, seed=t.seed, rank=rank,
+            world_size=world_size)
         tracker = tracking.build_tracker(rank == 0 and config.log.use_wandb, config.log.wandb_project,
                                          config.log.wandb_entity, config.to_dict(), output_dir)
         trainer = Trainer(config, model, train_loader, val_loader, device, tracker, output_dir, rank=rank,
                           world_size=world_size, set_loader_epoch=dataloader.set_epoch,
-                          extra_summary={"dataset_stats": stats})
+                          extra_summary={"dataset_stats": stats}, preprocessing=preprocessing)
         try:
-            summary = trainer.fit()
+            with logging_redirect_tqdm():  # log lines go through tqdm.write, so progress bars stay intact
+                summary = trainer.fit()
         except TrainingInterrupted as interrupted:
             logger.warning("%s", interrupted)
             return EXIT_INTERRUPTED, None
@@ -127,17 +131,13 @@ def run_training(config, config_warnings: Sequence[str] = ()) -> tuple[int, dict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from config import ConfigError, build_config
-
     try:
         config, warnings = build_config(argv)
     except ConfigError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     if config.test:
-        from selftest import run_self_test
-
-        return run_self_test(config)
+        return run_self_test(config, run_training)
     code, _ = run_training(config, warnings)
     return code
 

@@ -3,7 +3,7 @@
 fit → on_fit_start (resume, tracking) → for each epoch: train_epoch → validate (every ``val_every``) →
 on_epoch_end (schedule, checkpoints, early stopping, logs) → on_fit_end (summary).
 
-Pieces that are pure decisions (learning-rate factor, early stopping, click sampling, precision choice) are small
+Pieces that are pure decisions (learning-rate factor, early stopping, click sampling) are small
 functions or classes at the top so they can be unit-tested without a model.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,10 +26,15 @@ from torch import nn
 from tqdm import tqdm
 
 import metrics
+import reporting
 import tracking
 import utils
 from config import Config
-from inference import Click, apply_clicks, autocast_context, mask_prompt_from_logits, next_click, sliding_window_logits
+from data.preprocess import Preprocessing
+from inference import (SIMULATED_CLICKS, autocast_context, choose_amp_dtype, mask_prompt_from_logits,
+                       simulated_click_logits, sliding_window_logits)
+from memory import MemoryMonitor
+from model import export_encoder, load_trained_weights, read_trained_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +42,6 @@ CHECKPOINT_FORMAT_VERSION = 1
 LATEST_NAME = "latest_model.pth"
 BEST_NAME = "best_model.pth"
 ENCODER_NAME = "sam_encoder.pth"
-# Validation reports Dice after this many simulated clicks (each on the largest remaining error).
-VALIDATION_CLICKS = (1, 3, 5)
 # Upper bound of the per-voxel weight of hemorrhage in the cross-entropy (see SegmentationLoss): measured on the
 # synthetic cohort, balancing lifted the tiny model off the empty-mask plateau ~2x sooner; the cap limits the
 # false positives an unbounded weight invites on tiny bleeds.
@@ -55,22 +59,6 @@ class TrainingInterrupted(RuntimeError):
 # --------------------------------------------------------------------------------------------------------------
 # Pure pieces
 # --------------------------------------------------------------------------------------------------------------
-
-def choose_amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 on GPUs that support it (Ampere+), fp16 on older GPUs, None when AMP is off or on CPU.
-
-    CPU autocast is refused on purpose: without native bf16 units the 3-D convolutions and matmuls fall back to
-    slow paths (measured ~60x slower than fp32 for one ViT-B step on this project's CI machine).
-    """
-    if not enabled:
-        return None
-    if device.type == "cpu":
-        logger.warning("--use_mixed_precision ignored on CPU (bf16 autocast is far slower than fp32 there)")
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
 
 def cosine_warmup_factor(epoch: int, warmup_epochs: int, total_epochs: int, min_factor: float = 0.01) -> float:
     """LR multiplier for ``epoch`` (0-based): linear warm-up to 1, then cosine decay to ``min_factor``."""
@@ -307,7 +295,7 @@ class Trainer:
                  device: torch.device, tracker: tracking.Tracker, output_dir: Path, *, rank: int = 0,
                  world_size: int = 1,
                  set_loader_epoch: Callable[[Any, int], None] | None = None,
-                 extra_summary: dict[str, Any] | None = None):
+                 extra_summary: dict[str, Any] | None = None, preprocessing: Preprocessing | None = None):
         self.config = config
         self.model = model.to(device)
         self.device = device
@@ -321,6 +309,8 @@ class Trainer:
         t = config.train
 
         self.roi_size = int(model.img_size)
+        # What the data loaders fed the model; stored in every checkpoint and in sam_encoder.pth.
+        self.preprocessing = preprocessing or Preprocessing.from_config(config.data, self.roi_size)
         self.amp_dtype = choose_amp_dtype(device, t.use_mixed_precision)
         # GradScaler only matters for fp16; enabled=False makes every call a no-op, keeping one code path.
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
@@ -353,9 +343,8 @@ class Trainer:
         self.stop_reason = "max_epochs"
         self.consecutive_nonfinite = 0
         self._stop_signal: int | None = None
-        self.memory = utils.MemoryMonitor(device)
-        self.eta = utils.EtaEstimator()
-        self.metrics_csv = utils.MetricsCsvLogger(self.output_dir / "metrics.csv") if self.is_main else None
+        self.memory = MemoryMonitor(device)
+        self.eta = reporting.EtaEstimator()
         self.fit_started = 0.0
 
     # ---------------------------------------------------------------------------------------------- lifecycle
@@ -384,8 +373,6 @@ class Trainer:
         self.fit_started = time.time()
         if self.config.train.resume:
             self._resume(self.config.train.resume)
-        if self.is_main:
-            self.metrics_csv.truncate_after(self.start_epoch)
         self.tracker.start(run_id=getattr(self, "_resumed_run_id", None))
         logger.info("training %s for epochs %d..%d on %s (AMP: %s, %d trainable parameters; learning rates %s)",
                     self.config.model.name, self.start_epoch + 1, self.config.train.epochs, self.device,
@@ -417,8 +404,8 @@ class Trainer:
             if self.config.train.save_every and (epoch + 1) % self.config.train.save_every == 0:
                 self.save_checkpoint(self.output_dir / f"checkpoint_epoch_{epoch + 1:04d}.pth")
                 utils.cleanup_checkpoints(self.output_dir, self.config.train.keep_checkpoints)
-            self.metrics_csv.append(record)
-            utils.plot_learning_curves(self.history, self.output_dir / "learning_curves.png")
+            reporting.write_metrics_csv(self.output_dir / "metrics.csv", self.history)
+            reporting.plot_learning_curves(self.history, self.output_dir / "learning_curves.png")
             self.tracker.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=epoch + 1)
         self.eta.update(record["epoch_time_s"], val_stats.get("val_time_s"))
         remaining = self.eta.eta_seconds(self.config.train.epochs - epoch - 1, sum(
@@ -427,8 +414,8 @@ class Trainer:
                     "ETA %s%s", epoch + 1, self.config.train.epochs, train_stats["train_loss"],
                     _fmt(val_stats.get("val_dice")), _fmt(val_stats.get("val_dice_1click")),
                     _fmt(val_stats.get("val_dice_3click")), _fmt(val_stats.get("val_dice_5click")), self._current_lr(),
-                    utils.format_duration(record["epoch_time_s"]),
-                    100 * train_stats.get("data_wait_fraction", 0.0), utils.format_duration(remaining),
+                    reporting.format_duration(record["epoch_time_s"]),
+                    100 * train_stats.get("data_wait_fraction", 0.0), reporting.format_duration(remaining),
                     "  (new best)" if improved else "")
 
     def on_fit_end(self) -> dict[str, Any]:
@@ -452,7 +439,7 @@ class Trainer:
             "system": utils.collect_system_info(self.device),
         }
         if self.is_main:
-            path = utils.write_training_summary(self.output_dir, summary)
+            path = reporting.write_training_summary(self.output_dir, summary)
             summary["summary_path"] = str(path)
         self.tracker.finish()
         return summary
@@ -613,9 +600,9 @@ class Trainer:
         """Whole-volume sliding-window validation: prompt-free Dice, Dice after 1, 3 and 5 simulated clicks,
         HD95, volume error (mL), detection sensitivity/specificity."""
         self.model.eval()
-        spacing = self.config.data.target_spacing
+        spacing = self.preprocessing.target_spacing
         rows: list[dict[str, Any]] = []
-        click_rows: dict[int, list[dict[str, Any]]] = {k: [] for k in VALIDATION_CLICKS}
+        click_rows: dict[int, list[dict[str, Any]]] = {k: [] for k in SIMULATED_CLICKS}
         log_images = (self.config.log.log_images and self.is_main
                       and (epoch + 1) % self.config.log.log_freq == 0)
         overlay_saved = False
@@ -629,9 +616,11 @@ class Trainer:
             case_id = str(batch.get("case_id", [len(rows)])[0])
             rows.append({"case_id": case_id, "loss": float(loss),
                          **metrics.segmentation_metrics(prediction.cpu(), label.cpu(), spacing)})
-            for clicks, refined in self._simulated_clicks(image, label, logits):
+            clicked = simulated_click_logits(self.model, image, label, logits, self.roi_size, self.amp_dtype)
+            for clicks, refined in clicked.items():
                 click_rows[clicks].append({"case_id": case_id,
-                                           **metrics.segmentation_metrics(refined.cpu(), label.cpu(), spacing)})
+                                           **metrics.segmentation_metrics((refined > 0).cpu(), label.cpu(),
+                                                                          spacing)})
             if log_images and not overlay_saved and bool(label.any()):
                 self._save_overlay(epoch, batch, image, label, prediction)
                 overlay_saved = True
@@ -646,7 +635,7 @@ class Trainer:
             "val_dice": _headline_dice(summary),
             "val_dice_all": summary["dice"],
         }
-        for clicks in VALIDATION_CLICKS:
+        for clicks in SIMULATED_CLICKS:
             click_summary = metrics.summarize(self._gather_cases(click_rows[clicks]))
             result[f"val_dice_{clicks}click"] = _headline_dice(click_summary)
         result.update({
@@ -658,28 +647,13 @@ class Trainer:
         })
         return result
 
-    def _simulated_clicks(self, image: torch.Tensor, label: torch.Tensor,
-                          logits: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        """(k, prediction after k clicks) for k in VALIDATION_CLICKS: each click deterministic, on the largest
-        remaining error (``inference.next_click``), applied with the earlier ones as in a user's session."""
-        session: list[Click] = []
-        state = logits
-        for k in range(1, max(VALIDATION_CLICKS) + 1):
-            click = next_click(state[0, 0] > 0, label[0, 0])
-            if click is not None:  # a perfect answer gets no more clicks and keeps its score
-                state = apply_clicks(self.model, image, state, [click], self.roi_size, self.amp_dtype,
-                                     earlier=session)
-                session.append(click)
-            if k in VALIDATION_CLICKS:
-                yield k, state > 0
-
     def _save_overlay(self, epoch: int, batch: dict[str, Any], image: torch.Tensor, label: torch.Tensor,
                       prediction: torch.Tensor) -> None:
         case = batch.get("case_id", ["case"])[0]
         path = self.output_dir / "images" / f"epoch{epoch + 1:04d}_{case}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        utils.save_overlay_png(image[0, 0].float().cpu().numpy(), label[0, 0].cpu().numpy(),
-                                    prediction[0, 0].cpu().numpy(), path, f"epoch {epoch + 1}: {case}")
+        reporting.save_overlay_png(image[0, 0].float().cpu().numpy(), label[0, 0].cpu().numpy(),
+                                   prediction[0, 0].cpu().numpy(), path, f"epoch {epoch + 1}: {case}")
         self.tracker.log_image("val/overlay", path, step=epoch + 1)
 
     # ---------------------------------------------------------------------------------------- distributed glue
@@ -741,6 +715,7 @@ class Trainer:
             "prompt_generator_state": self.prompt_generator.get_state(),
             "wandb_run_id": self.tracker.run_id,
             "config": self.config.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
         }
 
     def save_checkpoint(self, path: Path) -> None:
@@ -748,12 +723,8 @@ class Trainer:
 
     def export_encoder(self, path: Path, epoch: int, val_dice: float) -> None:
         """Write sam_encoder.pth: the encoder and representation head for the BLIP-2 path (see model.py)."""
-        from model import export_encoder
-
         payload = export_encoder(self.model)
-        d = self.config.data
-        payload["preprocessing"] = {"hu_window": list(d.hu_window), "normalization": d.normalization,
-                                    "target_spacing": list(d.target_spacing), "input_size": self.roi_size}
+        payload["preprocessing"] = self.preprocessing.to_dict()
         payload["provenance"] = {"epoch": epoch + 1, "val_dice": val_dice, "config": self.config.to_dict()}
         utils.atomic_torch_save(payload, path)
 
@@ -764,17 +735,14 @@ class Trainer:
                 logger.info("--resume auto: no %s yet, starting fresh", path)
                 return
             raise FileNotFoundError(f"--resume {path}: checkpoint not found")
-        from modeling.checkpoint import read_checkpoint  # names the file on any unreadable or unsafe content
-
-        state = read_checkpoint(path)
-        missing = [k for k in ("model_state_dict", "optimizer_state_dict", "epoch", "config") if k not in state]
-        if missing:
-            raise ValueError(f"{path} is not a training checkpoint of this project (missing {', '.join(missing)})")
+        # Names the file on any unreadable, unsafe or foreign content (the checks model.load_trained makes).
+        state = read_trained_checkpoint(path, required=("model_state_dict", "optimizer_state_dict", "epoch",
+                                                        "config"))
         saved_model = state["config"].get("model", {})
         if saved_model.get("name") != self.config.model.name:
             raise ValueError(f"{path} was trained with --model {saved_model.get('name')}, this run uses "
                              f"--model {self.config.model.name}")
-        self.model.load_state_dict(state["model_state_dict"], strict=True)
+        load_trained_weights(self.model, state, path)
         self.optimizer.load_state_dict(state["optimizer_state_dict"])
         self.scheduler.load_state_dict(state["scheduler_state_dict"])
         self.scaler.load_state_dict(state["scaler_state_dict"])
@@ -797,8 +765,6 @@ class Trainer:
     @contextmanager
     def _signals_handled(self) -> Iterator[None]:
         """SIGINT/SIGTERM ask for a stop at the next optimiser step, where the state is consistent."""
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             yield
             return

@@ -16,7 +16,7 @@ Reported per row: seconds per step and steps/s (wall clock including data wait),
 peak GPU memory (``torch.cuda.max_memory_allocated``) or, on the CPU, the training process's peak RSS (sampled
 every 2 ms) and its DataLoader workers' RSS, and the estimated time of one training epoch over a 75-scan cohort
 (one crop per scan per epoch: 75 / crops_per_s; validation not included). Timings are for reports only.
-AMP is skipped on the CPU (the trainer refuses CPU autocast; see ``trainer.choose_amp_dtype``).
+AMP is skipped on the CPU (the trainer refuses CPU autocast; see ``inference.choose_amp_dtype``).
 
 The Markdown table goes to ``--out`` (default ``bench/results/train_bench_<device>.md``) and to stdout.
 """
@@ -37,8 +37,18 @@ from typing import Any, Sequence
 
 import torch
 
-logger = logging.getLogger("train_bench")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the project's modules are flat files at the repository root
+import dataloader  # noqa: E402
+import tracking  # noqa: E402
+import utils  # noqa: E402
+from config import build_config, replace_section  # noqa: E402
+from memory import RssSampler  # noqa: E402
+from model import build_model  # noqa: E402
+from synthetic import SyntheticCohort, generate_cohort  # noqa: E402
+from trainer import Trainer  # noqa: E402
+
+logger = logging.getLogger("train_bench")
 EPOCH_SCANS = 75  # the cohort size the per-epoch estimate is quoted for
 FIELD_OF_VIEW_MM = 230.4  # in-plane extent of a typical head CT (512 voxels × 0.45 mm)
 
@@ -115,8 +125,6 @@ def merge_section(document: str, title: str, section: str) -> str:
 
 def prepare_cohort(args: argparse.Namespace, work_dir: Path) -> Any:
     """Generate the synthetic cohort once; a work folder that already holds one of the same size is reused."""
-    from synthetic import SyntheticCohort, generate_cohort
-
     root = work_dir / f"cohort_{args.n_scans}x{'x'.join(map(str, args.shape))}"
     if (root / "train.csv").is_file() and (root / "val.csv").is_file():
         logger.info("reusing the cohort in %s", root)
@@ -138,23 +146,17 @@ def base_flags(args: argparse.Namespace, cohort: Any, work_dir: Path, device: to
 
 def bench_row(flags: list[str], data: Any, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     """Train one configuration (warm-up epoch, then the timed epoch); returns the row's figures."""
-    import dataloader
-    import tracking
-    import utils
-    from config import build_config, replace_section
-    from model import build_model
-    from model_bench import RssSampler
-    from trainer import Trainer
-
     config, _ = build_config([*flags, "--max_steps_per_epoch", str(max(args.warmup_steps, 1))])
     utils.seed_everything(config.train.seed)
     model = build_model(config.model)
+    preprocessing = dataloader.Preprocessing.from_config(config.data, model.img_size)
     train_loader, val_loader = dataloader.build_dataloaders(
-        config.data, data, roi_size=model.img_size, batch_size=config.train.batch_size, device=device,
+        config.data, preprocessing, data, batch_size=config.train.batch_size, device=device,
         seed=config.train.seed)
     assert len(train_loader) >= args.steps, "parse_args sizes the cohort for every batch size"
     trainer = Trainer(config, model, train_loader, val_loader, device, tracking.NullTracker(),
-                      Path(config.train.output_dir), set_loader_epoch=dataloader.set_epoch)
+                      Path(config.train.output_dir), set_loader_epoch=dataloader.set_epoch,
+                      preprocessing=preprocessing)
     if args.warmup_steps:
         trainer.on_epoch_start(0)
         trainer.train_epoch(0)
@@ -211,12 +213,6 @@ def _duration(seconds: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args, train_flags = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for path in (ROOT, ROOT / "bench"):  # flat project modules, and model_bench's RSS sampler
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
-    import dataloader
-    from config import build_config
-
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if args.threads is not None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 logger = logging.getLogger(__name__)
 
@@ -117,14 +118,16 @@ def _weights_only_reason(err: BaseException) -> str:
 
 
 def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove DDP/DataParallel ``module.`` and torch.compile ``_orig_mod.`` prefixes carried by every key."""
+    """Remove DDP/DataParallel ``module.`` and torch.compile ``_orig_mod.`` prefixes carried by every key (torch's
+    ``consume_prefix_in_state_dict_if_present`` renames; a prefix only some keys carry is a real parameter name and
+    stays)."""
     result = dict(state_dict)
     changed = True
     while changed and result:
         changed = False
         for prefix in WRAPPER_PREFIXES:
             if all(k.startswith(prefix) for k in result):
-                result = {k[len(prefix):]: v for k, v in result.items()}
+                consume_prefix_in_state_dict_if_present(result, prefix)
                 logger.info("stripped the '%s' prefix from %d checkpoint keys", prefix, len(result))
                 changed = True
     return result

@@ -1,4 +1,5 @@
 """Shared test set-up: the project root on sys.path and wandb kept offline and quiet."""
+import logging
 import sys
 from pathlib import Path
 
@@ -28,6 +29,19 @@ def _offline_tracking(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_removed_after_each_test():
+    """utils.setup_logging binds its console handler to the sys.stderr of the moment, which inside a test is
+    pytest's capture of that test (closed afterwards): handlers a test added leave with it."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    for handler in root.handlers[:]:
+        if handler not in before:
+            root.removeHandler(handler)
+            handler.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Cohort validation, safe loading, geometry, preprocessing, caching, sampling and statistics (dataloader.py).
+"""Cohort validation, safe loading, geometry, preprocessing, caching, sampling and statistics (dataloader.py and
+the data package behind it).
 
 Volumes are tiny hand-built head phantoms (air -1000 HU, a 30 HU brain block, a 70 HU blood block) written in the
 user format into tmp_path, and every bad input goes through the public entry points validate_cohort /
@@ -6,6 +7,8 @@ load_image_file.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -16,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+import data.loaders
+import data.transforms
 import dataloader as D
 from config import DataConfig
 
@@ -65,6 +70,15 @@ def config(tmp_path: Path, **changes) -> DataConfig:
                   target_spacing=(3.0, 3.0, 3.0), num_workers=0, cache_in_memory=False)
     values.update(changes)
     return DataConfig(**values)
+
+
+def prep(data_config: DataConfig | None = None, input_size: int = 16, **changes) -> D.Preprocessing:
+    """The Preprocessing a run with ``data_config`` (default: ``config(Path("."), **changes)``) builds."""
+    return D.Preprocessing.from_config(data_config or config(Path("."), **changes), input_size)
+
+
+def loaders(data_config: DataConfig, cohort: D.Cohort, roi: int, batch: int, **kwargs):
+    return D.build_dataloaders(data_config, prep(data_config, roi), cohort, batch, torch.device("cpu"), **kwargs)
 
 
 def add_scan(tmp_path: Path, number: str, blood: bool, with_mask: bool | None = None, spacing=SPACING,
@@ -429,8 +443,8 @@ def test_axis_permuted_mask_is_transposed_with_a_warning(tmp_path):
     [warning] = [w for w in cohort.warnings if "transposed" in w]
     assert "001.nii.gz" in warning and "(24, 20, 10)" in warning and "(10, 24, 20)" in warning
     # The transposed mask is what the loader serves: blood where the image has blood.
-    _, val_loader = D.build_dataloaders(config(tmp_path), D.Cohort(train=cohort.train, val=cohort.train,
-                                                                    warnings=[]), 16, 1, torch.device("cpu"), seed=0)
+    _, val_loader = loaders(config(tmp_path), D.Cohort(train=cohort.train, val=cohort.train, warnings=[]), 16, 1,
+                            seed=0)
     batch = next(iter(val_loader))
     blood = batch["label"][0, 0] > 0
     assert blood.any() and batch["image"][0, 0][blood].mean() > batch["image"][0, 0][~blood].mean() + 0.5
@@ -465,24 +479,26 @@ def test_matching_axes():
 def test_preprocess_windows_and_zscores_inside_the_head():
     image = phantom(dtype=np.float32)[0]
     image[3, 3, 3] = 1500.0   # bone is saturated by the window
-    out = D.preprocess_image(image, SPACING, config(Path("."), target_spacing=SPACING))
+    out = D.preprocess_image(image, SPACING, prep(target_spacing=SPACING))
     assert out.shape == (1, *SHAPE) and out.dtype == np.float32
     inside = np.clip(image, -100, 200) > -100
     assert out[0][inside].mean() == pytest.approx(0.0, abs=1e-4)
     assert out[0][inside].std() == pytest.approx(1.0, abs=1e-3)
     assert out[0, 3, 3, 3] == out[0][inside].max()
-    minmax = D.preprocess_image(image, SPACING, config(Path("."), target_spacing=SPACING, normalization="minmax"))
+    minmax = D.preprocess_image(image, SPACING, prep(target_spacing=SPACING, normalization="minmax"))
     assert minmax.min() == 0.0 and minmax.max() == 1.0
-    raw = D.preprocess_image(image, SPACING, config(Path("."), target_spacing=SPACING, normalization="none"))
+    raw = D.preprocess_image(image, SPACING, prep(target_spacing=SPACING, normalization="none"))
     assert raw.min() == -100.0 and raw.max() == 200.0
-    with pytest.raises(ValueError, match="unknown normalization 'robust'"):
-        D.preprocess_image(image, SPACING, config(Path("."), normalization="robust"))
+    with pytest.raises(ValueError, match="unknown normalization 'robust'; expected one of zscore, minmax, none"):
+        prep(normalization="robust")
+    with pytest.raises(ValueError, match="pipeline version 2; this code implements version 1"):
+        D.preprocess_image(image, SPACING, dataclasses.replace(prep(), pipeline_version=2))
 
 
 def test_preprocess_resamples_to_target_spacing_and_keeps_image_and_mask_aligned():
     image, mask = phantom(shape=(40, 36, 12), dtype=np.float32)
     spacing = (0.9, 1.1, 5.0)
-    out = D.preprocess_image(image, spacing, config(Path("."), target_spacing=(1.5, 1.5, 1.5)))
+    out = D.preprocess_image(image, spacing, prep(target_spacing=(1.5, 1.5, 1.5)))
     expected = D.preprocessed_shape(image.shape, spacing, (1.5, 1.5, 1.5))
     assert expected == (24, 26, 40) and out.shape == (1, *expected)
     label = D.resample_to_shape(mask[None], expected, "nearest")
@@ -493,6 +509,42 @@ def test_preprocess_resamples_to_target_spacing_and_keeps_image_and_mask_aligned
     # Maps back onto the original grid (what predict.py does).
     back = D.resample_to_shape(label[0], mask.shape, "nearest")
     assert back.shape == mask.shape and (back == mask).mean() > 0.97
+
+
+def test_preprocessing_round_trips_as_plain_data():
+    settings = prep(input_size=64, hu_window=(-50.0, 150.0), normalization="minmax", target_spacing=(2.0, 2.0, 3.0))
+    raw = settings.to_dict()
+    assert raw == {"hu_window": [-50.0, 150.0], "normalization": "minmax", "target_spacing": [2.0, 2.0, 3.0],
+                   "input_size": 64, "pipeline_version": D.PIPELINE_VERSION}
+    assert D.Preprocessing.from_dict(json.loads(json.dumps(raw))) == settings
+    old_export = {k: v for k, v in raw.items() if k != "pipeline_version"}   # sam_encoder.pth before the version
+    assert D.Preprocessing.from_dict(old_export).pipeline_version == 1
+    with pytest.raises(ValueError, match="unknown preprocessing settings spacing"):
+        D.Preprocessing.from_dict({**raw, "spacing": [1, 1, 1]})
+    with pytest.raises(ValueError, match="hu_window needs low < high"):
+        prep(hu_window=(200.0, -100.0))
+    with pytest.raises(dataclasses.FrozenInstanceError):   # built once, never changed on the way
+        settings.hu_window = (0.0, 1.0)
+
+
+def test_cache_key_changes_with_every_setting_that_shapes_the_volume():
+    case = D.Case(image_path="a.pkl", mask_path=None, ich=0, patient_id="P", case_id="a", csv_path="t.csv", row=1,
+                  spacing=(1.0, 1.0, 5.0), spacing_source="image", fingerprint="f" * 32)
+    base = prep(input_size=128)
+    key = D.cache_key(case, base)
+    # Same layout as before Preprocessing existed: existing cache entries stay valid.
+    recipe = {"pipeline_version": 1, "content": "f" * 32, "spacing": [1.0, 1.0, 5.0], "mask_axes": [0, 1, 2],
+              "hu_window": [-100.0, 200.0], "normalization": "zscore", "target_spacing": [3.0, 3.0, 3.0]}
+    assert key == hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:40]
+    changed = {"hu_window": (-50.0, 200.0), "normalization": "minmax", "target_spacing": (3.0, 3.0, 2.0),
+               "pipeline_version": 2}
+    assert set(changed) | {"input_size"} == {f.name for f in dataclasses.fields(D.Preprocessing)}
+    for field, value in changed.items():
+        assert D.cache_key(case, dataclasses.replace(base, **{field: value})) != key, field
+    for field, value in {"spacing": (1.0, 1.0, 2.5), "fingerprint": "e" * 32, "mask_axes": (2, 0, 1)}.items():
+        assert D.cache_key(dataclasses.replace(case, **{field: value}), base) != key, field
+    # The crop size only sizes crops taken from the cached volume: a tiny and a turbo run share the entry.
+    assert D.cache_key(case, dataclasses.replace(base, input_size=64)) == key
 
 
 def test_resample_to_shape_accepts_tensors_and_checks_arguments():
@@ -517,12 +569,12 @@ def load_spy(monkeypatch):
         calls.append(str(path))
         return real(path)
 
-    monkeypatch.setattr(D, "load_image_file", spy)
+    monkeypatch.setattr(data.transforms, "load_image_file", spy)  # what LoadPreprocessd calls
     return calls
 
 
 def _run_epochs(data_config, cohort, epochs=2, seed=0, roi=16, batch=2):
-    train, val = D.build_dataloaders(data_config, cohort, roi, batch, torch.device("cpu"), seed=seed)
+    train, val = loaders(data_config, cohort, roi, batch, seed=seed)
     out = []
     for epoch in range(epochs):
         D.set_epoch(train, epoch)
@@ -570,24 +622,66 @@ def test_train_and_val_batches(cohort_dir):
     assert val[0]["label"].sum() > 0 and val[1]["label"].sum() == 0
 
 
-def test_crops_are_centred_on_blood_at_the_requested_rate():
+def _head_phantom() -> tuple[np.ndarray, np.ndarray]:
     image = np.full((1, 64, 64, 64), -2.0, dtype=np.float32)
     image[:, 6:58, 6:58, 6:58] = 0.5                     # the head
     label = np.zeros((1, 64, 64, 64), dtype=np.uint8)
     label[:, 30:34, 30:34, 30:34] = 1                    # 64 blood voxels of 140k head voxels
+    return image, label
+
+
+def test_crop_indices_are_computed_once_and_stored_compactly():
+    image, label = _head_phantom()
+    item = D.CropIndicesd()({"image": image, "label": label, "case_id": "x"})
+    blood, head = item["label_fg_indices"], item["label_bg_indices"]
+    assert blood.dtype == head.dtype == np.int32
+    np.testing.assert_array_equal(blood, np.flatnonzero(label[0]))
+    np.testing.assert_array_equal(head, np.flatnonzero((image[0] > -2.0) & (label[0] == 0)))
+    assert item["air"] == -2.0
+    # Beyond the cap, every k-th head voxel in raster order is kept (spread over the whole head).
+    thinned = D.CropIndicesd(max_head_indices=1000)({"image": image, "label": label})["label_bg_indices"]
+    assert len(thinned) <= 1000 and set(thinned) <= set(head)
+    assert np.ptp(np.unravel_index(thinned, label.shape[1:])[0]) > 40
+    # A scan without blood draws its "positive" centres from the head too: every crop is head-centred.
+    negative = D.CropIndicesd()({"image": image, "label": np.zeros_like(label)})
+    assert negative["label_fg_indices"] is negative["label_bg_indices"]
+
+
+def test_crops_are_centred_on_blood_at_the_requested_rate():
+    image, label = _head_phantom()
+    item = D.CropIndicesd()({"image": image, "label": label})
     for fraction in (0.0, 0.25, 0.75):
         crop = D.RandHemorrhageCropd(16, fraction)
         crop.set_random_state(seed=0)
         centred, inside = [], []
         for _ in range(400):
-            out = crop({"image": image, "label": label})
+            out = crop(item)
+            assert out["image"].shape == out["label"].shape == (1, 16, 16, 16)
             centred.append(out["label"][0, 8, 8, 8].item() == 1)
             inside.append(out["image"][0, 8, 8, 8].item() > -2.0)
         assert abs(np.mean(centred) - fraction) < 0.07, (fraction, np.mean(centred))
         assert all(inside)  # negative crops are centred in the head, not in the air
-    negative = D.RandHemorrhageCropd(16, 1.0)
-    out = negative({"image": image, "label": np.zeros_like(label)})   # ICH-negative scan: random head crops
-    assert out["label"].sum() == 0 and out["image"].shape == (1, 16, 16, 16)
+    negative = D.RandHemorrhageCropd(16, 1.0)   # ICH-negative scan: head crops even at fraction 1
+    negative.set_random_state(seed=0)
+    empty = D.CropIndicesd()({"image": image, "label": np.zeros_like(label)})
+    for _ in range(50):
+        out = negative(empty)
+        assert out["label"].sum() == 0 and out["image"][0, 8, 8, 8].item() > -2.0
+    assert np.array_equal(item["image"], image)   # crops own their memory; the cached volume is untouched
+
+
+def test_crop_centres_stay_inside_the_volume_and_short_axes_are_padded_with_air():
+    image, label = _head_phantom()
+    image, label = image[:, :, :, :10].copy(), label[:, :, :, :10].copy()   # axis 2 shorter than the crop
+    label[:, 30:34, 30:34, :] = 0
+    label[:, 0, 0, 0] = 1                                                    # blood in a corner
+    item = D.CropIndicesd()({"image": image, "label": label})
+    crop, pad = D.RandHemorrhageCropd(16, 1.0), D.PadToRoid(16)
+    crop.set_random_state(seed=1)
+    out = pad(crop(item))
+    assert out["image"].shape == (1, 16, 16, 16)
+    assert out["label"][0, 0, 0, 3] == 1            # the corner: the crop was moved inwards, axis 2 padded 3 + 3
+    assert (out["image"][..., :3] == -2.0).all() and (out["image"][..., 13:] == -2.0).all()
 
 
 def test_small_volumes_are_padded_with_air(cohort_dir):
@@ -624,12 +718,12 @@ def test_training_randomness_depends_only_on_seed_and_epoch(cohort_dir):
     assert checked >= 3
 
     # A resumed run that starts at epoch 1 in a fresh process sees exactly the uninterrupted epoch 1 ...
-    train, _ = D.build_dataloaders(data_config, cohort, 16, 2, torch.device("cpu"), seed=5)
+    train, _ = loaders(data_config, cohort, 16, 2, seed=5)
     D.set_epoch(train, 1)
     assert _fingerprint(list(train)) == _fingerprint(first_1)
     # ... also with worker processes, and a different seed gives different crops.
     with_workers = config(cohort_dir, augmentation_prob=1.0, num_workers=2)
-    train, val = D.build_dataloaders(with_workers, cohort, 16, 2, torch.device("cpu"), seed=5)
+    train, val = loaders(with_workers, cohort, 16, 2, seed=5)
     assert train.num_workers == 2 and train.persistent_workers and not train.pin_memory
     for epoch, expected in ((0, first_0), (1, first_1)):
         D.set_epoch(train, epoch)
@@ -643,9 +737,8 @@ def test_device_side_augmentation_gives_the_same_batches(cohort_dir):
     # same crops, same augmentation draws, same batches as the worker-process path.
     data_config = config(cohort_dir, augmentation_prob=1.0)
     cohort = D.validate_cohort(data_config)
-    on_host, _ = D.build_dataloaders(data_config, cohort, 16, 2, torch.device("cpu"), seed=5)
-    on_device, _ = D.build_dataloaders(data_config, cohort, 16, 2, torch.device("cpu"), seed=5,
-                                       augment_on_device=True)
+    on_host, _ = loaders(data_config, cohort, 16, 2, seed=5)
+    on_device, _ = loaders(data_config, cohort, 16, 2, seed=5, augment_on_device=True)
     assert isinstance(on_device, D.ThreadDataLoader) and on_device.num_workers == 0
     assert not isinstance(on_host, D.ThreadDataLoader)
     for epoch in (0, 1):
@@ -660,7 +753,7 @@ def test_device_side_augmentation_gives_the_same_batches(cohort_dir):
 
 def test_forgetting_set_epoch_is_warned(cohort_dir, caplog):
     data_config = config(cohort_dir)
-    train, _ = D.build_dataloaders(data_config, D.validate_cohort(data_config), 16, 2, torch.device("cpu"), seed=0)
+    train, _ = loaders(data_config, D.validate_cohort(data_config), 16, 2, seed=0)
     list(train)
     list(train)
     assert "iterated twice for epoch 0" in caplog.text
@@ -671,8 +764,7 @@ def test_distributed_shards(cohort_dir):
     cohort = D.validate_cohort(data_config)
     seen_train, seen_val = [], []
     for rank in (0, 1):
-        train, val = D.build_dataloaders(data_config, cohort, 16, 1, torch.device("cpu"), seed=0, rank=rank,
-                                         world_size=2)
+        train, val = loaders(data_config, cohort, 16, 1, seed=0, rank=rank, world_size=2)
         D.set_epoch(train, 3)
         seen_train.append(sorted(b["case_id"][0] for b in train))
         seen_val.append([b["case_id"][0] for b in val])
@@ -680,19 +772,19 @@ def test_distributed_shards(cohort_dir):
     assert sorted(seen_train[0] + seen_train[1]) == ["001", "002", "003", "004"]
     assert sorted(seen_val[0] + seen_val[1]) == ["005", "006"]
     with pytest.raises(ValueError, match="rank"):
-        D.build_dataloaders(data_config, cohort, 16, 1, torch.device("cpu"), seed=0, rank=2, world_size=2)
+        loaders(data_config, cohort, 16, 1, seed=0, rank=2, world_size=2)
 
 
 def test_worker_count_is_automatic_or_explicit(monkeypatch):
     class Memory:
         available = 16 * 2**30
 
-    monkeypatch.setattr(D, "usable_cpu_count", lambda: 6)
-    monkeypatch.setattr(D.psutil, "virtual_memory", lambda: Memory())
+    monkeypatch.setattr(data.loaders, "usable_cpu_count", lambda: 6)
+    monkeypatch.setattr(data.loaders.psutil, "virtual_memory", lambda: Memory())
     cpu = torch.device("cpu")
     # One core stays with the training process: 5 workers; at most 8 however many cores there are.
     assert D.choose_num_workers(DataConfig(), cpu, largest_volume_bytes=10 * 2**20) == 5
-    monkeypatch.setattr(D, "usable_cpu_count", lambda: 64)
+    monkeypatch.setattr(data.loaders, "usable_cpu_count", lambda: 64)
     assert D.choose_num_workers(DataConfig(), cpu, largest_volume_bytes=10 * 2**20) == 8
     # Memory bounds it too: half of 16 GiB over (0.5 GiB + 4 volumes of 1 GiB) per worker = 1 worker.
     assert D.choose_num_workers(DataConfig(), cpu, largest_volume_bytes=2**30) == 1

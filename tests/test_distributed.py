@@ -67,8 +67,10 @@ def test_rank_batches_interleave_into_the_single_process_batches(cohort, tmp_pat
                              mask_dir=str(cohort.mask_dir), cache_dir=str(tmp_path / "cache"),
                              target_spacing=(4.0, 4.0, 4.0), num_workers=0, augmentation_prob=1.0)
     data = D.validate_cohort(data_config)
-    single, _ = D.build_dataloaders(data_config, data, 16, 2, torch.device("cpu"), seed=7)
-    ranks = [D.build_dataloaders(data_config, data, 16, 1, torch.device("cpu"), seed=7, rank=r, world_size=2)[0]
+    preprocessing = D.Preprocessing.from_config(data_config, 16)
+    single, _ = D.build_dataloaders(data_config, preprocessing, data, 2, torch.device("cpu"), seed=7)
+    ranks = [D.build_dataloaders(data_config, preprocessing, data, 1, torch.device("cpu"), seed=7, rank=r,
+                                 world_size=2)[0]
              for r in (0, 1)]
     for epoch in (0, 1):
         for loader in (single, *ranks):

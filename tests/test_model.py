@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
-from config import ModelConfig
+from config import Config, ModelConfig
 from model import (TURBO_CHECKPOINT_URL, CheckpointError, CheckpointMismatchError, CheckpointNotFoundError,
                    CheckpointUnavailableError, build_model, build_sam_med3d_turbo, build_tiny, export_encoder,
-                   load_pretrained, load_representation_head, load_sam_encoder, resolve_checkpoint,
+                   load_pretrained, load_representation_head, load_sam_encoder, load_trained, resolve_checkpoint,
                    trainable_parameters)
 from modeling.image_encoder import EncoderBlock, ImageEncoderViT3D
 from modeling.representation_head import RepresentationHead
@@ -724,3 +724,33 @@ def test_tiny_learns_bright_blobs_prompt_free_and_with_clicks():
     after = evaluate()
     assert max(before) < 0.2
     assert after[0] > 0.6 and after[1] > 0.6, (before, after)
+
+
+# --------------------------------------------------------------------- load_trained: checkpoint -> model
+
+def test_load_trained_rebuilds_the_model_and_config_from_a_project_checkpoint(tmp_path):
+    source = tiny_model(seed=3, visual_tokens=32)
+    config = Config(model=ModelConfig(name="tiny", visual_tokens=32, pretrained_checkpoint="turbo",
+                                      freeze_encoder=True))
+    path = tmp_path / "best_model.pth"
+    torch.save({"model_state_dict": source.state_dict(), "config": config.to_dict()}, path)
+    loaded, saved = load_trained(path)   # no pretrained download: the checkpoint holds every weight
+    assert saved == config and not loaded.training
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_load_trained_names_the_file_for_foreign_or_mismatched_checkpoints(tmp_path):
+    encoder_only = tmp_path / "sam_encoder.pth"
+    torch.save({"image_encoder_state_dict": {}}, encoder_only)
+    with pytest.raises(CheckpointError, match=r"sam_encoder\.pth: not a checkpoint written by train\.py"):
+        load_trained(encoder_only)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"model_state_dict": tiny_model().state_dict(),
+                "config": Config(model=ModelConfig(name="tiny", visual_tokens=8)).to_dict()}, wrong)
+    with pytest.raises(CheckpointMismatchError, match=r"wrong\.pth: weights do not fit the 'tiny' architecture"):
+        load_trained(wrong)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.pth"):
+        load_trained(garbage)

@@ -11,8 +11,10 @@ import pytest
 import torch
 from monai.metrics import compute_dice
 
+import data.cohort
+import data.io
 import predict
-from dataloader import find_mask, load_image_file, load_mask_file
+from dataloader import case_id_from_path, find_mask, load_image_file, load_mask_file
 
 
 def read_csv(path):
@@ -35,7 +37,7 @@ def test_masks_have_the_input_shape_and_affine(trained_run, evaluation):
     cohort = trained_run["cohort"]
     for row in read_csv(cohort.val_csv):
         image, meta = load_image_file(row["path"])
-        stem = predict.file_stem(predict.Path(row["path"]))
+        stem = case_id_from_path(row["path"])
         written = nib.load(str(evaluation / f"{stem}.nii.gz"))
         assert written.shape == image.shape
         mask_path = find_mask(row["path"], cohort.mask_dir)
@@ -106,7 +108,7 @@ def test_clicks_refine_and_outside_clicks_are_rejected(trained_run, tmp_path, ca
     checkpoint = str(trained_run["output_dir"] / "best_model.pth")
     assert predict.main(["--checkpoint", checkpoint, "--input", row["path"], "--points", click,
                          "--output_dir", str(tmp_path / "click")]) == 0
-    written = nib.load(str(tmp_path / "click" / f"{predict.file_stem(predict.Path(row['path']))}.nii.gz"))
+    written = nib.load(str(tmp_path / "click" / f"{case_id_from_path(row['path'])}.nii.gz"))
     assert written.shape == image.shape
     assert predict.main(["--checkpoint", checkpoint, "--input", row["path"], "--points", "9999,1,1",
                          "--output_dir", str(tmp_path / "bad")]) == 1
@@ -142,7 +144,7 @@ def test_scans_without_spacing_use_the_given_fallback(trained_run, tmp_path, cap
     out = tmp_path / "out"
     assert predict.main(["--checkpoint", str(trained_run["output_dir"] / "best_model.pth"), "--input",
                          str(folder), "--output_dir", str(out), "--spacing", "1.2", "1.2", "4"]) == 0
-    written = nib.load(str(out / f"{predict.file_stem(predict.Path(source))}.nii.gz"))
+    written = nib.load(str(out / f"{case_id_from_path(source)}.nii.gz"))
     np.testing.assert_allclose(written.header.get_zooms()[:3], (1.2, 1.2, 4.0), rtol=1e-6)
     assert "fallback spacing (1.2, 1.2, 4.0) mm" in caplog.text
 
@@ -153,3 +155,25 @@ def test_points_parsing():
         predict.parse_points("1,2")
     with pytest.raises(ValueError, match="must be 0 or 1"):
         predict.parse_points("1,2,3,7")
+
+
+def test_predict_reads_exactly_what_training_reads(trained_run, tmp_path):
+    # One reader for both: the same suffix tuple object, the same image, CSV and spacing functions.
+    assert predict.IMAGE_SUFFIXES is data.io.IMAGE_SUFFIXES and ".pickle" in predict.IMAGE_SUFFIXES
+    assert predict.load_image_file is data.io.load_image_file and predict.read_scan_csv is data.cohort.read_scan_csv
+    assert predict.resolve_spacing is data.io.resolve_spacing
+    cohort = trained_run["cohort"]
+    row = next(r for r in read_csv(cohort.val_csv) if r["ich"] == "1")
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    scan = folder / "777.pickle"   # a suffix training accepts and the old predict.py did not
+    shutil.copy(row["path"], scan)
+    (folder / "notes.txt").write_text("not a scan")
+    table = tmp_path / "input.csv"
+    table.write_text("path, ich\n scans/777.pickle , 1\n")   # blanks around cells, as the training reader allows
+    assert [(s.path, s.ich) for s in predict.collect_inputs(table)] == [(scan, 1)]
+    out = tmp_path / "out"
+    assert predict.main(["--checkpoint", str(trained_run["output_dir"] / "best_model.pth"), "--input",
+                         str(folder), "--output_dir", str(out), "--spacing", "1.2", "1.2", "4"]) == 0
+    assert [r["file"] for r in read_csv(out / "predictions.csv")] == ["777.pickle"]
+    assert nib.load(str(out / "777.nii.gz")).shape == load_image_file(scan)[0].shape

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 import tracking
-import utils
+import reporting
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def _wandb_children() -> list[str]:
 def test_offline_run_records_metrics_config_and_image(offline_wandb):
     out = offline_wandb / "run_out"
     png = offline_wandb / "curves.png"
-    utils.plot_learning_curves([{"epoch": 1, "train_loss": 1.0}], png)
+    reporting.plot_learning_curves([{"epoch": 1, "train_loss": 1.0}], png)
 
     tracker = tracking.build_tracker(True, "ichseg-test", None, {"train": {"lr": 1e-4, "batch_size": 2},
                                                                  "data": {"spacing": (1.0, 1.0, 1.5)}}, out)

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from config import Config, replace_section
+from inference import choose_amp_dtype
 from model import build_tiny
-from trainer import (EarlyStopping, PromptedSegmentation, SegmentationLoss, build_scheduler, choose_amp_dtype,
-                     cosine_warmup_factor, group_sizes, parameter_groups, sample_clicks)
+from trainer import (EarlyStopping, PromptedSegmentation, SegmentationLoss, build_scheduler, cosine_warmup_factor,
+                     group_sizes, parameter_groups, sample_clicks)
 
 
 def _optimizer(lr=1.0):

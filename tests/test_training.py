@@ -173,6 +173,14 @@ def test_killed_run_resumes_to_the_same_result(small_cohort, tmp_path, monkeypat
         assert torch.equal(resumed["model_state_dict"][key], value), f"{key} differs after resume"
     assert [h["train_loss"] for h in resumed["history"]] == pytest.approx(
         [h["train_loss"] for h in expected["history"]], rel=1e-6)
+    # metrics.csv is rewritten from the checkpointed history: each epoch once, after two interruptions too.
+    for run in (straight, interrupted):
+        assert [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()] == \
+            ["epoch", "1", "2", "3"]
+    # The checkpoint carries the preprocessing its model was trained with, as plain data.
+    assert resumed["preprocessing"] == expected["preprocessing"] == {
+        "hu_window": [-100.0, 200.0], "normalization": "zscore", "target_spacing": [3.0, 3.0, 3.0],
+        "input_size": 64, "pipeline_version": 1}
 
 
 def test_summary_json_and_wandb_offline_run_resumes(small_cohort, tmp_path):

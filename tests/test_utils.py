@@ -1,24 +1,20 @@
-"""Tests for utils.py: seeding/RNG state, atomic writes, system checks, timing, memory, summaries, retention,
-metrics CSV, pictures and logging."""
+"""Tests for utils.py: seeding/RNG state, atomic writes, devices and system checks, checkpoint retention and
+logging."""
 from __future__ import annotations
 
 import json
 import logging
-import math
 import random
-import re
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import utils
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _draws() -> tuple:
@@ -225,168 +221,6 @@ def test_run_system_checks_turns_probe_failure_into_warning(tmp_path, monkeypatc
     assert len(warnings) == 1 and "stale NFS handle" in warnings[0]
 
 
-# --------------------------------------------------------------------------------------------------- memory estimate
-
-def test_estimate_training_memory_matches_worked_example():
-    # Hand computation in the docstring: 1.25 * (1.50 + 2 * 1.47) GB.
-    estimate = utils.estimate_training_memory_gb("sam_med3d_turbo", 2, False, False, 128)
-    assert estimate == pytest.approx(5.54, abs=0.05)
-
-
-def test_estimate_training_memory_orders_the_options():
-    def est(**kw):
-        args = dict(model_name="sam_med3d_turbo", batch_size=2, mixed_precision=False,
-                    gradient_checkpointing=False, img_size=128)
-        args.update(kw)
-        return utils.estimate_training_memory_gb(**args)
-
-    base = est()
-    assert est(mixed_precision=True) < base
-    assert est(gradient_checkpointing=True) < base
-    assert est(freeze_encoder=True) < est(gradient_checkpointing=True)
-    assert est(click_rounds=3) > base
-    assert est(num_parameters=200_000_000) > base
-    # Activations grow linearly with the batch; the weight state does not.
-    assert est(batch_size=3) - est(batch_size=2) == pytest.approx(est(batch_size=2) - est(batch_size=1))
-    assert est(batch_size=2) < 2 * est(batch_size=1)
-    assert utils.estimate_training_memory_gb("tiny", 1, False, False, 64) < 0.5
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(model_name="vit_h"), "no memory profile"),
-    (dict(batch_size=0), "batch_size"),
-    (dict(img_size=100), "multiple of the patch size"),
-])
-def test_estimate_training_memory_rejects_bad_input(kwargs, message):
-    args = dict(model_name="sam_med3d_turbo", batch_size=1, mixed_precision=False, gradient_checkpointing=False,
-                img_size=128)
-    args.update(kwargs)
-    with pytest.raises(ValueError, match=message):
-        utils.estimate_training_memory_gb(**args)
-
-
-# --------------------------------------------------------------------------------------------------- time
-
-@pytest.mark.parametrize("seconds, text", [
-    (3723, "1h 02m 03s"), (3600, "1h 00m 00s"), (90061, "25h 01m 01s"), (125, "2m 05s"),
-    (59.4, "59s"), (59.6, "1m 00s"), (0, "0s"),
-])
-def test_format_duration(seconds, text):
-    assert utils.format_duration(seconds) == text
-
-
-@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf")])
-def test_format_duration_rejects_impossible(bad):
-    with pytest.raises(ValueError):
-        utils.format_duration(bad)
-
-
-def test_eta_estimator_uses_moving_window():
-    eta = utils.EtaEstimator(window=3)
-    assert eta.eta_seconds(10) is None and eta.average_epoch_seconds is None
-    eta.update(100.0)  # slow first epoch (cache filling)
-    assert eta.eta_seconds(4) == pytest.approx(400.0)
-    eta.update(10.0)
-    eta.update(10.0)
-    assert eta.eta_seconds(3) == pytest.approx(120.0)  # mean(100, 10, 10) = 40
-    eta.update(10.0)  # the slow epoch leaves the window
-    assert eta.average_epoch_seconds == pytest.approx(10.0)
-    assert eta.eta_seconds(5) == pytest.approx(50.0)
-    assert eta.eta_seconds(0) == 0.0
-    with pytest.raises(ValueError):
-        eta.eta_seconds(-1)
-    with pytest.raises(ValueError):
-        eta.update(float("nan"))
-    with pytest.raises(ValueError):
-        utils.EtaEstimator(window=0)
-
-
-def test_eta_counts_the_validations_still_to_come():
-    eta = utils.EtaEstimator(window=3)
-    eta.update(10.0, validation_seconds=30.0)   # validation costs more than training here
-    eta.update(10.0)                            # an epoch without validation
-    assert eta.average_validation_seconds == pytest.approx(30.0)
-    assert eta.eta_seconds(4, remaining_validations=2) == pytest.approx(4 * 10.0 + 2 * 30.0)
-    assert eta.eta_seconds(4) == pytest.approx(40.0)
-    with pytest.raises(ValueError):
-        eta.update(1.0, validation_seconds=-1.0)
-
-
-# --------------------------------------------------------------------------------------------------- memory monitor
-
-def test_memory_monitor_tracks_sampled_peak_on_cpu(monkeypatch):
-    # Real allocations are unreliable here (a long test process reuses freed, still-resident pages), so the
-    # process's RSS readings are scripted: 1.0 GB at reset, 1.5 GB at a sample mid-epoch, 1.2 GB at the end.
-    monitor = utils.MemoryMonitor(torch.device("cpu"))
-    readings = iter([1.0, 1.5, 1.2, 1.2, 0.9, 0.9, 0.9])
-
-    class Info:
-        def __init__(self, gb):
-            self.rss = int(gb * utils.GB)
-
-    monkeypatch.setattr(monitor._process, "memory_info", lambda: Info(next(readings)))
-    monitor.reset()                    # 1.0
-    monitor.sample()                   # 1.5: the peak, gone by the time the epoch ends
-    after = monitor.snapshot()         # samples 1.2, reports current 1.2
-    assert after["peak_rss_gb"] == pytest.approx(1.5) and after["rss_gb"] == pytest.approx(1.2)
-    assert after["peak_gpu_allocated_gb"] is None and after["peak_gpu_reserved_gb"] is None
-    monitor.reset()                    # a new epoch forgets the old peak
-    assert monitor.snapshot()["peak_rss_gb"] == pytest.approx(0.9)
-
-
-def test_memory_monitor_reads_real_process_memory():
-    snapshot = utils.MemoryMonitor(torch.device("cpu")).snapshot()
-    assert 0 < snapshot["rss_gb"] <= snapshot["peak_rss_gb"]
-    if sys.platform.startswith("linux"):
-        assert snapshot["ru_maxrss_gb"] >= snapshot["rss_gb"] - 0.01
-
-
-def test_memory_monitor_reads_cuda_peaks(monkeypatch):
-    calls = []
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append(device))
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * utils.GB)
-    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 4 * utils.GB)
-    monitor = utils.MemoryMonitor(torch.device("cuda", 0))
-    monitor.reset()
-    snap = monitor.snapshot()
-    assert calls == [torch.device("cuda", 0)]
-    assert snap["peak_gpu_allocated_gb"] == 3.0 and snap["peak_gpu_reserved_gb"] == 4.0
-
-
-# --------------------------------------------------------------------------------------------------- summary JSON
-
-def _strict_json(path: Path):
-    def refuse(name):
-        raise AssertionError(f"non-standard JSON constant {name} in {path}")
-    return json.loads(path.read_text(), parse_constant=refuse)
-
-
-def test_write_training_summary_converts_values(tmp_path):
-    summary = {
-        "best_dice": np.float32(0.75), "epochs": np.int64(12), "loss": float("nan"), "ratio": float("inf"),
-        "lr": torch.tensor(1e-4), "curve": torch.tensor([0.5, 0.25]), "shape": (128, 128, 128),
-        "output": tmp_path / "x", "flags": {"amp": np.bool_(True), 3: None}, "arr": np.array([1, 2]),
-    }
-    path = utils.write_training_summary(tmp_path, summary)
-    assert path.parent == tmp_path
-    assert re.fullmatch(r"training_summary_\d{8}-\d{6}\.json", path.name)
-    data = _strict_json(path)
-    assert data["best_dice"] == 0.75 and data["epochs"] == 12
-    assert data["loss"] is None and data["ratio"] is None
-    assert data["lr"] == pytest.approx(1e-4) and data["curve"] == [0.5, 0.25]
-    assert data["shape"] == [128, 128, 128] and data["output"] == str(tmp_path / "x")
-    assert data["flags"] == {"amp": True, "3": None} and data["arr"] == [1, 2]
-
-    second = utils.write_training_summary(tmp_path, {"n": 1})  # same second: must not overwrite
-    assert second != path and _strict_json(path)["epochs"] == 12
-
-
-def test_write_training_summary_names_unconvertible_value(tmp_path):
-    with pytest.raises(TypeError, match=r"summary\['model'\].*object"):
-        utils.write_training_summary(tmp_path, {"model": object()})
-    assert list(tmp_path.iterdir()) == []
-
-
 # --------------------------------------------------------------------------------------------------- checkpoints
 
 def test_cleanup_checkpoints_keeps_newest_by_epoch_number(tmp_path):
@@ -421,104 +255,6 @@ def test_cleanup_checkpoints_never_touches_protected_names(tmp_path):
         utils.cleanup_checkpoints(tmp_path, keep=1, pattern="checkpoint_*_*.pth")
 
 
-# --------------------------------------------------------------------------------------------------- metrics.csv
-
-def test_metrics_csv_new_columns_resume_and_truncate(tmp_path):
-    path = tmp_path / "metrics.csv"
-    log = utils.MetricsCsvLogger(path)
-    log.append({"epoch": 1, "train_loss": 0.9, "lr": 1e-4})
-    log.append({"epoch": 2, "train_loss": np.float32(0.5), "lr": 1e-4, "val_dice": 0.25})
-    log.append({"epoch": 3, "train_loss": float("nan"), "lr": 5e-5})
-
-    lines = path.read_text().splitlines()
-    assert lines[0] == "epoch,train_loss,lr,val_dice"
-    assert lines[1] == "1,0.9,0.0001," and len(lines) == 4
-
-    resumed = utils.MetricsCsvLogger(path)
-    rows = resumed.rows
-    assert [r["epoch"] for r in rows] == [1, 2, 3]
-    assert rows[0]["val_dice"] is None and rows[1]["val_dice"] == 0.25
-    assert rows[1]["train_loss"] == pytest.approx(0.5) and math.isnan(rows[2]["train_loss"])
-
-    assert resumed.truncate_after(1) == 2
-    assert [r["epoch"] for r in utils.MetricsCsvLogger(path).rows] == [1]
-    resumed.append({"epoch": 2, "train_loss": 0.4, "val_loss": 0.3})
-    final = utils.MetricsCsvLogger(path)
-    assert final.columns == ["epoch", "train_loss", "lr", "val_dice", "val_loss"]
-    assert [r["epoch"] for r in final.rows] == [1, 2] and final.rows[1]["val_loss"] == 0.3
-    with pytest.raises(ValueError, match="epochs must increase"):
-        final.append({"epoch": 2, "train_loss": 0.1})
-    with pytest.raises(ValueError, match="'epoch'"):
-        final.append({"train_loss": 0.1})
-    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
-
-
-def test_metrics_csv_rejects_ragged_file(tmp_path):
-    path = tmp_path / "metrics.csv"
-    path.write_text("epoch,loss\n1,0.5,extra\n")
-    with pytest.raises(ValueError, match="more cells"):
-        utils.MetricsCsvLogger(path)
-
-
-# --------------------------------------------------------------------------------------------------- pictures
-
-def _read_png(path: Path) -> np.ndarray:
-    from matplotlib.image import imread
-
-    assert path.read_bytes()[:8] == PNG_SIGNATURE
-    return imread(path)
-
-
-def test_plot_learning_curves_tolerates_gaps(tmp_path):
-    history = [
-        {"epoch": 1, "train_loss": 1.0, "lr": 1e-4},
-        {"epoch": 2, "train_loss": 0.8, "val_loss": 0.9, "val_dice": 0.2, "val_dice_1click": None,
-         "lr": 1e-4},
-        {"epoch": 3, "train_loss": float("nan"), "lr": 5e-5},
-        {"epoch": 4, "train_loss": 0.6, "val_loss": 0.7, "val_dice": 0.4, "val_dice_1click": 0.5,
-         "lr": 5e-5},
-    ]
-    path = tmp_path / "plots" / "learning_curves.png"
-    utils.plot_learning_curves(history, path)
-    image = _read_png(path)
-    assert image.ndim == 3 and image.shape[1] > image.shape[0] > 100  # three panels side by side
-    utils.plot_learning_curves([], tmp_path / "empty.png")
-    assert _read_png(tmp_path / "empty.png").size > 0
-
-
-def test_select_overlay_slices_prefers_most_blood():
-    label = np.zeros((8, 8, 10), np.float32)
-    pred = np.zeros_like(label)
-    label[2:6, 2:6, 4] = 1  # 16 voxels
-    label[3:5, 3:5, 7] = 1  # 4 voxels
-    pred[1:7, 1:7, 2] = 1  # 36 voxels
-    # The ground truth decides where blood is shown; the prediction only when there is no ground truth blood.
-    assert utils.select_overlay_slices(label, pred, axis=2, num_slices=2, size=10) == [4, 7]
-    assert utils.select_overlay_slices(np.zeros_like(label), pred, axis=2, num_slices=2, size=10) == [2]
-    assert utils.select_overlay_slices(label, None, axis=2, num_slices=5, size=10) == [4, 7]
-    assert utils.select_overlay_slices(np.zeros_like(label), None, axis=2, num_slices=3, size=10) == [5]
-    assert utils.select_overlay_slices(None, None, axis=0, num_slices=3, size=8) == [4]
-
-
-def test_save_overlay_png(tmp_path):
-    rng = np.random.default_rng(0)
-    image = rng.normal(size=(32, 32, 12)).astype(np.float32)
-    label = np.zeros_like(image)
-    label[10:20, 10:20, 5:8] = 1
-    pred = np.zeros_like(image)
-    pred[12:22, 11:19, 6:9] = 1
-    path = tmp_path / "overlay.png"
-    utils.save_overlay_png(image, label, pred, path, "case 049 - Dice 0.61")
-    assert _read_png(path).shape[1] > 200
-    utils.save_overlay_png(torch.from_numpy(image), None, None, tmp_path / "plain.png", "no masks")
-    assert _read_png(tmp_path / "plain.png").size > 0
-    with pytest.raises(ValueError, match=r"label shape \(32, 32, 11\) does not match"):
-        utils.save_overlay_png(image, label[..., :11], None, tmp_path / "bad.png", "bad")
-    with pytest.raises(ValueError, match="3-D"):
-        utils.save_overlay_png(image[None], None, None, tmp_path / "bad.png", "bad")
-    assert not (tmp_path / "bad.png").exists()
-
-
 # --------------------------------------------------------------------------------------------------- logging
 
 @pytest.fixture
@@ -538,7 +274,7 @@ def _own_handlers(root: logging.Logger) -> list[logging.Handler]:
     return [h for h in root.handlers if getattr(h, "_ichseg_handler", False)]
 
 
-def test_setup_logging_rank0_is_idempotent(tmp_path, restore_root_logger, capsys):
+def test_setup_logging_rank0_is_idempotent(tmp_path, restore_root_logger, capsys, monkeypatch):
     root = restore_root_logger
     utils.setup_logging(tmp_path)
     utils.setup_logging(tmp_path)
@@ -548,14 +284,26 @@ def test_setup_logging_rank0_is_idempotent(tmp_path, restore_root_logger, capsys
     assert root.level == logging.INFO
 
     log = logging.getLogger("ichseg.test")
-    with tqdm(total=3, file=sys.stderr) as bar:
-        log.info("epoch 1 finished")
+    written = []
+    real_write = tqdm.write
+
+    def spy(message, *args, **kwargs):
+        written.append(message)
+        return real_write(message, *args, **kwargs)
+
+    monkeypatch.setattr(tqdm, "write", spy)
+    with tqdm(total=3, file=sys.stderr) as bar, logging_redirect_tqdm():
+        log.info("epoch 1 finished")    # through tqdm.write, which clears and redraws the bar around it
         bar.update(1)
+    assert all(h in root.handlers for h in own)   # the console handler is back after the bars
+    log.info("after the bars")
     for handler in own:
         handler.flush()
     text = (tmp_path / "train.log").read_text()
-    assert text.count("epoch 1 finished") == 1 and "INFO ichseg.test" in text
-    assert capsys.readouterr().err.count("epoch 1 finished") == 1
+    assert text.count("epoch 1 finished") == 1 and "INFO ichseg.test" in text and "after the bars" in text
+    assert len(written) == 1 and "epoch 1 finished" in written[0]
+    err = capsys.readouterr().err
+    assert err.count("epoch 1 finished") == 1 and err.count("after the bars") == 1
 
 
 def test_setup_logging_other_ranks_warn_only_without_file(tmp_path, restore_root_logger, capsys):

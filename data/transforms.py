@@ -1,0 +1,262 @@
+"""The MONAI pipeline, defined once; validation uses the deterministic part.
+
+    Case item ──LoadPreprocessd (disk cache)──► image 1×D×H×W float32, label 1×D×H×W uint8 (val stops here)
+              ──CropIndicesd──► + hemorrhage / head voxel indices and the air value   (train; cached in RAM)
+              ──RandHemorrhageCropd → PadToRoid → flips / small affine / intensity jitter──► S×S×S crops
+
+Everything before the first random transform runs once per scan and is kept in the RAM cache, so no crop scans
+the whole volume for candidate centres: the indices were computed there.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    FgBgToIndices,
+    MapTransform,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    SelectItemsd,
+    ToDeviced,
+    Transform,
+)
+
+from data.io import load_image_file, load_mask_file
+from data.preprocess import Preprocessing, pad_with_air, preprocess_image, resample_to_shape
+from data.records import Case
+from utils import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+BATCH_KEYS = ("image", "label", "ich", "case_id")
+# Keys CropIndicesd adds for the crop: flat voxel indices of hemorrhage (fg) and of head tissue without hemorrhage
+# (bg), int32, and the scan's air value (its minimum after windowing), which pads crops of small volumes.
+FG_INDICES_KEY, BG_INDICES_KEY, AIR_KEY = "label_fg_indices", "label_bg_indices", "air"
+# Head voxels are those above the air minimum by this fraction of the intensity range (tissue, not air).
+HEAD_MARGIN = 1e-3
+# Head-voxel indices kept per scan in the RAM cache: a synthetic 512×512×30 head CT at 1.5 mm (154×154×100, 11.3 MiB
+# cached) has ~0.7 M head voxels, 2.7 MiB as int32 (24 % more); every k-th one in raster order (k = ceil(count /
+# cap)) caps them at 1 MiB (8 %) while candidate centres stay within a few voxels of any head voxel, far below a
+# 128-voxel crop.
+MAX_HEAD_INDICES = 2**18
+# Augmentation magnitudes in z-score units (1 ≈ one head-tissue standard deviation, about 50-70 HU once bone is
+# saturated); Preprocessing.intensity_unit converts them for the other normalisations.
+_ROTATE_RAD = math.radians(10.0)
+_SCALE_RANGE = 0.1
+_INTENSITY_SCALE = 0.1
+_INTENSITY_SHIFT = 0.1
+_NOISE_STD = 0.05
+
+
+def cache_key(case: Case, preprocessing: Preprocessing) -> str:
+    """Key of a case's preprocessed volume: content hash of its image and mask files, the spacing actually used
+    (so a change of the fallback spacing reaches the scans that use it), the mask transpose and every setting that
+    shapes the volume (``Preprocessing.volume_settings``: window, normalisation, target spacing, pipeline version).
+    Any change gives a new key, so a stale entry is never reused."""
+    if case.fingerprint is None or case.spacing is None:
+        raise ValueError(f"case {case.case_id} ({case.image_path}) has no fingerprint/spacing: build cases with "
+                         "validate_cohort, which reads every file once and fills them in")
+    recipe = {
+        "content": case.fingerprint,
+        "spacing": [float(s) for s in case.spacing],
+        "mask_axes": list(case.mask_axes),
+        **preprocessing.volume_settings(),
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:40]
+
+
+class LoadPreprocessd(Transform):
+    """Case item -> {image: 1×D×H×W float32 (preprocessed), label: 1×D×H×W uint8, ich, case_id}.
+
+    Deterministic. Looks the item's ``cache_key`` up in ``cache_dir`` first (``<key>.npz``, read with
+    ``allow_pickle=False``, so a tampered cache cannot run code either); on a miss it reads the raw files, runs
+    ``preprocess_image`` (label: nearest-exact onto the same grid) and writes the entry atomically. Safe to call
+    from several threads or processes at once. (Hand-written rather than MONAI's PersistentDataset, whose entries
+    are pickles: an npz opens with allow_pickle=False, and entries are named by content and settings, so runs that
+    share a cache_dir share them.)
+    """
+
+    def __init__(self, preprocessing: Preprocessing, cache_dir: str | os.PathLike):
+        self.preprocessing = preprocessing
+        self.cache_dir = Path(cache_dir)
+
+    def __call__(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        entry = self.cache_dir / f"{item['cache_key']}.npz"
+        arrays = self._read_entry(entry) if entry.exists() else None
+        if arrays is None:
+            arrays = self._preprocess(item)
+            self._write_entry(entry, *arrays)
+        image, label = arrays
+        return {"image": image, "label": label, "ich": item["ich"], "case_id": item["case_id"]}
+
+    def _read_entry(self, entry: Path) -> tuple[np.ndarray, np.ndarray] | None:
+        try:
+            with np.load(entry, allow_pickle=False) as archive:
+                image, label = archive["image"], archive["label"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            logger.warning("cache entry %s is unreadable (%s); preprocessing the scan again", entry, exc)
+            return None
+        if image.ndim != 4 or image.shape != label.shape or image.dtype != np.float32 or label.dtype != np.uint8:
+            logger.warning("cache entry %s holds image %s %s / label %s %s; preprocessing the scan again",
+                           entry, image.shape, image.dtype, label.shape, label.dtype)
+            return None
+        return image, label
+
+    def _preprocess(self, item: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        volume, _ = load_image_file(item["image_path"])
+        image = preprocess_image(volume, item["spacing"], self.preprocessing)
+        if item["mask_path"]:
+            mask = load_mask_file(item["mask_path"]).transpose(item["mask_axes"])
+            if mask.shape != volume.shape:
+                raise ValueError(f"{item['mask_path']}: mask shape {mask.shape} (after transpose "
+                                 f"{item['mask_axes']}) differs from image shape {volume.shape}; the files changed "
+                                 "after validate_cohort")
+            label = resample_to_shape(mask[None], image.shape[1:], "nearest")
+        else:  # ICH-negative scan without a mask file: an empty mask
+            label = np.zeros(image.shape, dtype=np.uint8)
+        return image, np.ascontiguousarray(label, dtype=np.uint8)
+
+    def _write_entry(self, entry: Path, image: np.ndarray, label: np.ndarray) -> None:
+        # The project's atomic write (unique temporary file, fsync, rename): concurrent writers of the same entry
+        # cannot corrupt it and a crash leaves no half-written file under the final name.
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, image=image, label=label)
+        atomic_write_bytes(entry, buffer.getvalue())
+
+
+class CropIndicesd(MapTransform):
+    """Deterministic, so it runs once per scan in the RAM-cached stage: adds the flat voxel indices (int32) the crop
+    draws its centres from, computed with MONAI ``FgBgToIndices``.
+
+    ``label_fg_indices``: hemorrhage voxels. ``label_bg_indices``: head voxels without hemorrhage (image above its
+    air minimum, so negative crops show tissue rather than air); more than ``max_head_indices`` are thinned to every
+    k-th in raster order (see ``MAX_HEAD_INDICES``). A scan without hemorrhage gets its head voxels as both, so
+    every crop of an ICH-negative scan is head-centred. ``air``: the image minimum, which pads crops.
+    """
+
+    def __init__(self, image_key: str = "image", label_key: str = "label",
+                 max_head_indices: int = MAX_HEAD_INDICES):
+        super().__init__([image_key, label_key])
+        self.image_key, self.label_key = image_key, label_key
+        self.max_head_indices = max_head_indices
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        image, label = np.asarray(d[self.image_key]), np.asarray(d[self.label_key])
+        if label[0].size >= 2**31:
+            raise ValueError(f"{d.get('case_id')}: {label[0].size} voxels do not fit int32 crop indices")
+        low, high = float(image.min()), float(image.max())
+        # The threshold is per scan (the air value depends on the normalisation), hence the array transform here.
+        blood, head = FgBgToIndices(image_threshold=low + HEAD_MARGIN * (high - low))(label, image)
+        if head.size == 0:  # no head found (cannot happen after validation): any voxel
+            head = np.arange(label[0].size)
+        if head.size > self.max_head_indices:
+            head = head[::math.ceil(head.size / self.max_head_indices)]
+        d[BG_INDICES_KEY] = np.ascontiguousarray(head, dtype=np.int32)
+        d[FG_INDICES_KEY] = np.ascontiguousarray(blood, dtype=np.int32) if blood.size else d[BG_INDICES_KEY]
+        d[AIR_KEY] = low
+        return d
+
+
+class RandHemorrhageCropd(RandCropByPosNegLabeld):
+    """One roi³ crop per sample (a dict, not MONAI's list of one): with probability ``pos_fraction`` centred on a
+    hemorrhage voxel, otherwise on a head voxel (the indices from CropIndicesd). Centres are moved inwards so the
+    crop stays inside the volume; an axis shorter than roi is taken whole (PadToRoid then pads it with air)."""
+
+    def __init__(self, roi_size: int, pos_fraction: float, keys: tuple[str, ...] = ("image", "label")):
+        if not 0.0 <= pos_fraction <= 1.0:
+            raise ValueError(f"pos_fraction must be in [0, 1], got {pos_fraction}")
+        super().__init__(list(keys), label_key="label", spatial_size=(roi_size,) * 3, pos=pos_fraction,
+                         neg=1.0 - pos_fraction, num_samples=1, fg_indices_key=FG_INDICES_KEY,
+                         bg_indices_key=BG_INDICES_KEY, allow_smaller=True)
+
+    def __call__(self, data: Mapping[str, Any], lazy: bool | None = None) -> dict[str, Any]:  # type: ignore[override]
+        (sample,) = super().__call__(data, lazy)
+        for key in self.keys:
+            sample[key] = sample[key].clone()  # own memory: nothing downstream can touch the cached volume
+        return sample
+
+
+class PadToRoid(MapTransform):
+    """Pad image and label symmetrically to at least roi_size on every axis (deterministic): the image with the
+    scan's air value (``air`` from CropIndicesd, else its own minimum), so padding looks like the air around a head
+    rather than the mean-tissue zero of a z-scored volume; the label with 0."""
+
+    def __init__(self, roi_size: int, image_key: str = "image", label_key: str = "label"):
+        super().__init__([image_key, label_key])
+        self.roi_size, self.image_key, self.label_key = roi_size, image_key, label_key
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        d[self.image_key] = pad_with_air(d[self.image_key], self.roi_size, fill=d.get(AIR_KEY))
+        d[self.label_key] = pad_with_air(d[self.label_key], self.roi_size, fill=0)
+        return d
+
+
+@dataclass(frozen=True)
+class Transforms:
+    """The pipeline, defined once: ``val_cached`` (load + preprocess), ``train_cached`` (the same plus the crop
+    indices; both deterministic and cached), ``train_random`` (crop, pad, augmentation; reseeded per sample) and
+    ``finalize`` (tensors + the batch keys), shared by train and val."""
+
+    val_cached: Compose
+    train_cached: Compose
+    train_random: Compose
+    finalize: Compose
+
+
+def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike, positive_crop_fraction: float,
+                     augmentation_prob: float, augment_device: torch.device | None = None) -> Transforms:
+    """Train: train_cached → train_random → finalize; val: val_cached → finalize. Crops are
+    ``preprocessing.input_size`` on a side.
+
+    Augmentations each fire with ``augmentation_prob``: a mirror per axis, a small affine (±10° per axis,
+    ±10 % scale; image bilinear with border padding, label nearest), intensity scale ±10 %, shift ±0.1 and
+    Gaussian noise σ 0.05 head-tissue standard deviations (``Preprocessing.intensity_unit``).
+
+    With ``augment_device`` the crop (a cheap slice of the cached volume) is moved there before augmentation, so on
+    a GPU the affine resampling — the costly step, ~0.5 s per 128³ crop on a CPU core — runs on the GPU."""
+    roi_size, prob, unit = preprocessing.input_size, augmentation_prob, preprocessing.intensity_unit()
+    keys = ["image", "label"]
+    load = LoadPreprocessd(preprocessing, cache_dir)
+    to_device = [ToDeviced(keys, device=augment_device)] if augment_device is not None else []
+    train_random = Compose([
+        RandHemorrhageCropd(roi_size, positive_crop_fraction),
+        PadToRoid(roi_size),
+        *to_device,
+        # No canonical orientation is known (array order is the file's), so every axis may be mirrored.
+        RandFlipd(keys, prob=prob, spatial_axis=0),
+        RandFlipd(keys, prob=prob, spatial_axis=1),
+        RandFlipd(keys, prob=prob, spatial_axis=2),
+        RandAffined(keys, prob=prob, rotate_range=(_ROTATE_RAD,) * 3, scale_range=(_SCALE_RANGE,) * 3,
+                    mode=("bilinear", "nearest"), padding_mode=("border", "zeros"),
+                    spatial_size=(roi_size,) * 3, cache_grid=True),
+        RandScaleIntensityd("image", factors=_INTENSITY_SCALE, prob=prob),
+        RandShiftIntensityd("image", offsets=_INTENSITY_SHIFT * unit, prob=prob),
+        RandGaussianNoised("image", prob=prob, std=_NOISE_STD * unit),
+    ])
+    finalize = Compose([
+        EnsureTyped(keys, data_type="tensor", dtype=torch.float32, track_meta=False),
+        EnsureTyped("ich", data_type="tensor", dtype=torch.float32, track_meta=False),
+        SelectItemsd(list(BATCH_KEYS)),
+    ])
+    return Transforms(val_cached=Compose([load]), train_cached=Compose([load, CropIndicesd()]),
+                      train_random=train_random, finalize=finalize)
