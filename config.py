@@ -28,6 +28,11 @@ CHECKPOINT_DEFAULTS = {"sam_med3d_turbo": "turbo", "tiny": None}
 PRETRAINED_DECODER_LR_SCALE = 0.1
 
 
+# Settings added after configs were first saved, with the value that reproduces what those runs did (a saved
+# config without the key predates it): checkpoints from before the mask refiner have none.
+_ABSENT_FROM_OLDER_CONFIGS: dict[str, dict[str, Any]] = {"model": {"mask_refiner": False}}
+
+
 class ConfigError(ValueError):
     """Raised when the requested settings cannot work; ``problems`` has one line per problem."""
 
@@ -178,7 +183,7 @@ class Config:
         """Rebuild from ``to_dict`` output (config.json or a checkpoint); unknown keys are an error."""
         sections = {}
         for section in _SECTIONS:
-            values = dict(raw.get(section.name, {}))
+            values = {**_ABSENT_FROM_OLDER_CONFIGS.get(section.name, {}), **raw.get(section.name, {})}
             known = {f.name: f for f in dataclasses.fields(section.type_)}
             unknown = sorted(set(values) - set(known))
             if unknown:

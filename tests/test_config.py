@@ -27,8 +27,11 @@ def test_defaults_match_the_documented_cli(cohort_files):
     assert config.data.target_spacing == (1.5, 1.5, 1.5)
 
 
-def test_every_flag_lands_in_its_field(cohort_files):
-    config, _ = build_config(cohort_files + [
+def test_every_flag_lands_in_its_field(cohort_files, tmp_path):
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"")
+    config, _ = build_config(cohort_files + ["--pretrained_checkpoint", str(weights), "--decoder_lr_scale", "0.5",
+                                             "--scratch_lr", "1e-3", "--no-mask_refiner", "--normalization", "minmax",
         "--model", "tiny", "--epochs", "3", "--batch_size", "4", "--lr", "3e-4", "--use_mixed_precision",
         "--scheduler_type", "cosine", "--hu_window", "-50", "150", "--target_spacing", "2", "2", "3",
         "--freeze_encoder", "--use_gradient_checkpointing", "--visual_tokens", "128", "--use_wandb",
@@ -43,6 +46,36 @@ def test_every_flag_lands_in_its_field(cohort_files):
     assert (config.log.use_wandb, config.log.wandb_project, config.log.wandb_entity) == (True, "p", "e")
     assert config.log.log_images and config.log.log_freq == 2
     assert config.train.prompt_mode == "clicks" and config.train.resume == "auto" and config.train.seed == 7
+    assert config.model.pretrained_checkpoint == str(weights) and config.model.mask_refiner is False
+    assert config.train.decoder_lr_scale == 0.5 and config.train.scratch_lr == 1e-3
+    assert config.data.normalization == "minmax"
+
+
+def test_fine_tuning_defaults_follow_the_pretrained_weights(cohort_files, tmp_path):
+    """auto settings are resolved once, from the model and its weights, and written as resolved values."""
+    turbo, _ = build_config(cohort_files)
+    assert turbo.model.pretrained_checkpoint == "turbo"          # pretrained by default
+    assert turbo.data.normalization == "sam_med3d"              # the input distribution the weights saw
+    assert turbo.train.decoder_lr_scale == 0.1                  # SAM-Med3D's own decoder/encoder ratio
+    scratch, warnings = build_config(cohort_files + ["--pretrained_checkpoint", "none"])
+    assert scratch.model.pretrained_checkpoint is None and scratch.data.normalization == "zscore"
+    assert scratch.train.decoder_lr_scale == 1.0
+    assert any("from scratch" in w for w in warnings)
+    tiny, _ = build_config(cohort_files + ["--model", "tiny"])
+    assert (tiny.model.pretrained_checkpoint, tiny.data.normalization, tiny.train.decoder_lr_scale) == \
+        (None, "zscore", 1.0)
+    explicit, _ = build_config(cohort_files + ["--normalization", "zscore", "--decoder_lr_scale", "1"])
+    assert explicit.data.normalization == "zscore" and explicit.train.decoder_lr_scale == 1.0
+    assert Config.from_dict(json.loads(json.dumps(turbo.to_dict()))) == turbo
+    # The library default stays explicit: a Config built in code does not download anything.
+    assert Config().model.pretrained_checkpoint is None and Config().data.normalization == "zscore"
+
+
+def test_freezing_an_encoder_without_weights_is_an_error(cohort_files):
+    with pytest.raises(ConfigError, match="--freeze_encoder needs pretrained weights"):
+        build_config(cohort_files + ["--model", "tiny", "--freeze_encoder"])
+    with pytest.raises(ConfigError, match="--freeze_encoder needs pretrained weights"):
+        build_config(cohort_files + ["--pretrained_checkpoint", "none", "--freeze_encoder"])
 
 
 def test_config_is_frozen_and_round_trips_through_json(cohort_files):
@@ -72,12 +105,13 @@ def test_unknown_saved_key_is_an_error():
 
 def test_impossible_settings_are_all_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as caught:
-        build_config(["--train_csv", str(tmp_path / "nope.csv"), "--batch_size", "0", "--lr", "-1",
+        build_config(["--train_csv", str(tmp_path / "nope.csv"), "--batch_size", "0", "--lr", "-1", "--scratch_lr", "0",
                       "--hu_window", "100", "0", "--augmentation_prob", "2", "--target_spacing", "1", "0", "1"])
     problems = "\n".join(caught.value.problems)
     for expected in ("nope.csv: file not found", "--val_csv is required", "--mask_dir is required",
                      "--batch_size must be >= 1, got 0", "--lr must be > 0", "--hu_window needs low < high",
-                     "--augmentation_prob must be in [0, 1]", "--target_spacing values must be > 0"):
+                     "--augmentation_prob must be in [0, 1]", "--target_spacing values must be > 0",
+                     "--scratch_lr must be > 0"):
         assert expected in problems
     assert len(caught.value.problems) >= 8
 
@@ -103,7 +137,7 @@ def test_cli_exits_2_with_one_line_per_problem(tmp_path, capsys):
     (["--patience", "20", "--epochs", "10"], "early stopping can never trigger"),
     (["--batch_size", "16", "--gradient_accumulation_steps", "16"], "effective batch 256"),
     (["--lr", "0.01"], "high for fine-tuning"),
-    (["--freeze_encoder"], "randomly initialised encoder"),
+    (["--normalization", "sam_med3d", "--hu_window", "0", "100"], "--hu_window is not used"),
 ])
 def test_risky_settings_warn(cohort_files, flags, fragment):
     _, warnings = build_config(cohort_files + ["--model", "tiny"] + flags)

@@ -729,7 +729,7 @@ def test_tiny_learns_bright_blobs_prompt_free_and_with_clicks():
 # --------------------------------------------------------------------- load_trained: checkpoint -> model
 
 def test_load_trained_rebuilds_the_model_and_config_from_a_project_checkpoint(tmp_path):
-    source = tiny_model(seed=3, visual_tokens=32)
+    source = tiny_model(seed=3, visual_tokens=32, refiner=True)
     config = Config(model=ModelConfig(name="tiny", visual_tokens=32, pretrained_checkpoint="turbo",
                                       freeze_encoder=True))
     path = tmp_path / "best_model.pth"
@@ -750,6 +750,12 @@ def test_load_trained_names_the_file_for_foreign_or_mismatched_checkpoints(tmp_p
                 "config": Config(model=ModelConfig(name="tiny", visual_tokens=8)).to_dict()}, wrong)
     with pytest.raises(CheckpointMismatchError, match=r"wrong\.pth: weights do not fit the 'tiny' architecture"):
         load_trained(wrong)
+    # A checkpoint from before the mask refiner existed has no mask_refiner setting: it means "no refiner".
+    legacy_config = Config(model=ModelConfig(name="tiny", visual_tokens=32)).to_dict()
+    del legacy_config["model"]["mask_refiner"]
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"model_state_dict": tiny_model(visual_tokens=32).state_dict(), "config": legacy_config}, legacy)
+    assert load_trained(legacy)[0].refiner is None
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="garbage.pth"):

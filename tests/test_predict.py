@@ -15,6 +15,7 @@ import data.cohort
 import data.io
 import predict
 from dataloader import case_id_from_path, find_mask, load_image_file, load_mask_file
+from inference import Click
 
 
 def read_csv(path):
@@ -150,7 +151,8 @@ def test_scans_without_spacing_use_the_given_fallback(trained_run, tmp_path, cap
 
 
 def test_points_parsing():
-    assert predict.parse_points("1,2,3;4,5,6,0") == ([(1.0, 2.0, 3.0), (4.0, 5.0, 6.0)], [1, 0])
+    assert predict.parse_points("1,2,3;4,5,6,0; 7, 8, 9,1") == [
+        Click((1.0, 2.0, 3.0), True), Click((4.0, 5.0, 6.0), False), Click((7.0, 8.0, 9.0), True)]
     with pytest.raises(ValueError, match="should be 'x,y,z'"):
         predict.parse_points("1,2")
     with pytest.raises(ValueError, match="must be 0 or 1"):
