@@ -4,8 +4,9 @@ A preprocessed volume of any size is segmented prompt-free by MONAI sliding-wind
 model's input size. Clicks then refine that answer the way SAM is used interactively: for each click the window
 centred on it is decoded with the click (and every earlier click inside the window) as point prompts and the
 current prediction of the window as the mask prompt, and the new logits replace the old ones only on the part of
-the prediction the click is about (the connected region of old-or-new foreground at the click), so a click on one
-focus of a multifocal bleed leaves the other foci as they were.
+the prediction the click is about (the connected region of old-or-new foreground at the click), and only in the
+click's direction (a hemorrhage click adds, a background click removes), so a click on one focus of a multifocal
+bleed leaves the other foci as they were.
 """
 from __future__ import annotations
 
@@ -140,7 +141,8 @@ def apply_clicks(model: torch.nn.Module, image: torch.Tensor, logits: torch.Tens
     # Small volumes are padded to one window: the image with air (as the training crops), the logits with a
     # confident "no hemorrhage".
     padded = pad_with_air(image[0], roi_size, method="end")[None]
-    state = pad_with_air(logits[0].float(), roi_size, method="end", fill=-MASK_PROMPT_LOGIT_LIMIT)[None]
+    # A copy: the caller's logits stay as they were (pad_with_air returns its input when nothing needs padding).
+    state = pad_with_air(logits[0].float(), roi_size, method="end", fill=-MASK_PROMPT_LOGIT_LIMIT)[None].clone()
     mask_size = int(model.mask_size)
     for index in range(len(earlier), len(session)):
         click = session[index]
@@ -158,7 +160,10 @@ def apply_clicks(model: torch.nn.Module, image: torch.Tensor, logits: torch.Tens
         local = [p - s for p, s in zip(click.point, starts)]
         region = _region_of_click((current[0, 0] > 0).cpu().numpy(), (new[0, 0] > 0).cpu().numpy(), local)
         region_t = torch.from_numpy(region).to(state.device)[None, None]
-        state[box] = torch.where(region_t, new, current)
+        # A click only moves the answer its own way: a hemorrhage click can add blood but never remove it, a
+        # background click only removes; a click can therefore not undo what the user did not click on.
+        moved = torch.maximum(current, new) if click.positive else torch.minimum(current, new)
+        state[box] = torch.where(region_t, moved, current)
     return state[:, :, :spatial[0], :spatial[1], :spatial[2]].clone()
 
 

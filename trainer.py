@@ -18,10 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from monai.losses import DiceLoss
+from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
@@ -156,7 +158,12 @@ def group_sizes(num_batches: int, accumulation: int) -> list[int]:
 
 def sample_clicks(target: torch.Tensor, prediction: torch.Tensor | None,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One simulated click per sample, drawn uniformly from the current error region.
+    """One simulated click per sample, drawn from the current error region, favouring its interior.
+
+    A voxel's chance grows with the square of its depth inside the error region (distance to the region's border),
+    which is where validation and users click (``inference.next_click``: the deepest voxel of the largest error):
+    uniform draws mostly hit the one-voxel rims of nearly right answers, and a model trained on those learned to
+    answer a click deep inside a missed bleed with a rim-sized blob.
 
     Args:
         target: B×1×D×H×W ground truth in {0, 1}.
@@ -178,7 +185,8 @@ def sample_clicks(target: torch.Tensor, prediction: torch.Tensor | None,
         if not region.any():  # the whole crop is hemorrhage and predicted so: click inside it
             region = truth[i]
         # Sampling the flat index through the weights keeps everything on the generator (reproducible).
-        flat = region.flatten().float().cpu()
+        depth = ndimage.distance_transform_edt(np.pad(region.cpu().numpy(), 1))[1:-1, 1:-1, 1:-1]
+        flat = torch.from_numpy(depth.ravel() ** 2).float()
         index = int(torch.multinomial(flat, 1, generator=generator).item())
         coords = torch.unravel_index(torch.tensor(index), spatial)
         points[i, 0] = torch.stack(coords).float()

@@ -8,9 +8,12 @@ import torch
 import selftest
 import train
 from config import Config
+from conftest import LEARNING_EPOCHS, LEARNING_VAL_EVERY
 
 
-def test_cli_training_learns_and_writes_every_output(trained_run):
+def test_cli_training_learns_on_thick_slices_with_small_bleeds_and_writes_every_output(trained_run):
+    """The README's CPU recipe on a cohort unlike the self-test's (conftest.LEARNING_COHORT: 5 mm slices, 3-12 mL
+    bleeds, scans larger than one window, negatives without masks)."""
     out = trained_run["output_dir"]
     for name in selftest.EXPECTED_FILES:
         assert (out / name).is_file(), name
@@ -20,17 +23,24 @@ def test_cli_training_learns_and_writes_every_output(trained_run):
 
     latest = torch.load(out / "latest_model.pth", map_location="cpu", weights_only=True)
     history = latest["history"]
-    assert len(history) == selftest.SELFTEST_EPOCHS
-    first = history[0]["val_dice"]  # Dice over ICH-positive validation scans
-    best = max(h["val_dice"] for h in history)
-    # Measured: ~0.00 after epoch 1 (empty-mask plateau), 0.43-0.47 at the end; 0.25 leaves margin.
-    assert first < 0.1 and best >= 0.25, [round(h["val_dice"], 3) for h in history]
-    assert all("val_dice_all" in h and "val_specificity" in h for h in history)
+    assert len(history) == LEARNING_EPOCHS
+    validated = [h for h in history if "val_dice" in h]
+    assert [h["epoch"] for h in validated] == list(range(LEARNING_VAL_EVERY, LEARNING_EPOCHS + 1, LEARNING_VAL_EVERY))
+    best = max(validated, key=lambda h: h["val_dice"])
+    trace = [(h["epoch"], round(h["val_dice"], 3), round(h["val_dice_1click"], 3), h["val_specificity"])
+             for h in validated]
+    # Measured on this cohort (2 CPU cores): Dice on ICH-positive scans 0.72-0.82 from epoch 10 on, both ICH-negative
+    # scans predicted empty at every validation, clicks never worse than prompt-free by more than 0.005.
+    assert best["val_dice"] >= 0.6, trace
+    assert best["val_specificity"] == 1.0 and best["val_negative_fp_ml"] < 0.1, trace
+    assert best["val_dice_1click"] >= best["val_dice"] - 0.02, trace
+    assert best["val_dice_5click"] >= best["val_dice_1click"] - 0.02, trace
+    assert all("val_dice_all" in h and "val_dice_3click" in h for h in validated)
 
     saved = json.loads((out / "config.json").read_text())
     assert Config.from_dict(saved) == Config.from_dict(latest["config"])
     best_state = torch.load(out / "best_model.pth", map_location="cpu", weights_only=True)
-    assert best_state["best_metric"] == max(h["val_dice"] for h in history)
+    assert best_state["best_metric"] == best["val_dice"]
 
 
 def test_self_test_reports_failure_when_learning_does_not_happen(monkeypatch, capsys):

@@ -124,6 +124,7 @@ def test_earlier_clicks_are_prompts_again_but_not_reapplied():
     twice = apply_clicks(model, image, once, [Click((11, 11, 11), True)], roi_size=16, earlier=[first])
     assert bool((twice[..., 4, 4, 4] > 0).all()) and bool((twice[..., 11, 11, 11] > 0).all())
     assert len(model.mask_prompts) == 2  # one decoder call per new click
+    assert bool((logits < 0).all()) and bool((once[..., 11, 11, 11] < 0).all())  # inputs are never modified
 
 
 def test_next_click_is_deep_in_the_largest_error_with_the_right_label():
@@ -136,3 +137,19 @@ def test_next_click_is_deep_in_the_largest_error_with_the_right_label():
     prediction[10:21, 10:21, 10:21] = 1          # now only the false positive is wrong
     assert next_click(prediction, truth) == Click((3.0, 3.0, 3.0), False)
     assert next_click(truth, truth) is None
+
+
+def test_a_click_only_moves_the_answer_its_own_way():
+    image = torch.zeros(1, 1, 16, 16, 16)
+    logits = torch.full_like(image, -5.0)
+    logits[..., 5:10, 5:10, 5:10] = 5.0         # predicted blob
+
+    class Shrinking(_ThresholdModel):
+        """Answers a positive click inside the blob with a smaller blob."""
+        def forward(self, images, points=None, point_labels=None, mask_prompt=None):
+            out = torch.full_like(images, -5.0)
+            out[..., 6:9, 6:9, 6:9] = 5.0
+            return {"masks": out}
+
+    refined = apply_clicks(Shrinking(), image, logits, [Click((7, 7, 7), True)], roi_size=16)
+    assert torch.equal(refined > 0, logits > 0)  # a hemorrhage click never removes blood
