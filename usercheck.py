@@ -41,7 +41,7 @@ from checks import Check, all_passed, format_report
 from config import Config, replace_section
 from inference import SIMULATED_CLICKS, SLIDING_WINDOW_OVERLAP, sliding_window_logits
 from memory import RssSampler, estimate_training_memory_gb
-from model import CheckpointError, CheckpointUnavailableError, build_model, resolve_checkpoint
+from model import CheckpointError, build_model, resolve_checkpoint
 from reporting import format_duration, to_jsonable
 from trainer import Trainer
 
@@ -190,7 +190,7 @@ class UserRunCheck:
                                          "without published weights)")
         try:
             self.weights = resolve_checkpoint(name)
-        except CheckpointError as error:  # unavailable offline, or a local file that is not there
+        except CheckpointError as error:  # CheckpointUnavailableError offline, or a local file that is not there
             raise CheckFailed(str(error), EXIT_USAGE) from error
         return f"'{name}': {self.weights} ({self.weights.stat().st_size / 2**20:.0f} MiB)"
 

@@ -30,11 +30,12 @@ if str(ROOT) not in sys.path:
 import dataloader  # noqa: E402
 import tracking  # noqa: E402
 import utils  # noqa: E402
-from config import Config, replace_section  # noqa: E402
+from config import Config  # noqa: E402
 from memory import RssSampler  # noqa: E402
 from model import build_model  # noqa: E402
 from synthetic import SyntheticCohort, generate_cohort  # noqa: E402
 from trainer import Trainer  # noqa: E402
+from usercheck import capped_epoch  # noqa: E402
 
 logger = logging.getLogger("bench.harness")
 
@@ -129,14 +130,8 @@ def release_memory(device: torch.device) -> None:
 
 
 def _train_pass(trainer: Trainer, loaders: Loaders, config: Config, steps: int | None) -> dict[str, Any]:
-    # The trainer reads the step cap from its config at the start of each epoch.
-    trainer.config = replace_section(config, "train", max_steps_per_epoch=steps)
     epoch = loaders.claim_epoch()
-    trainer.on_epoch_start(epoch)  # also resets the peak-memory counters
-    stats = trainer.train_epoch(epoch)
-    stats["steps"] = trainer.epoch_length()
-    stats["epoch"] = epoch
-    return stats
+    return {**capped_epoch(trainer, config, epoch, steps), "epoch": epoch}
 
 
 def measure_training(config: Config, cache: LoaderCache, device: torch.device, steps: int | None,
