@@ -28,6 +28,7 @@ import logging
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -111,9 +112,16 @@ class CheckFailed(Exception):
         self.detail, self.exit_code = detail, exit_code
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """What a stage returns when it has nothing to check (reported as SKIP with ``reason``)."""
+
+    reason: str
+
+
 class UserRunCheck:
-    """The stages of the check, run in order by ``run``; each returns its PASS detail (or a SKIP Check) and
-    hands what it built to the next through attributes."""
+    """The stages of the check, run in order by ``run``; each returns its PASS detail (or ``Skipped``) and hands
+    what it built to the next through attributes."""
 
     def __init__(self, config: Config, work_dir: Path):
         self.user_config = config
@@ -138,7 +146,7 @@ class UserRunCheck:
         self._sampling = contextlib.ExitStack()
         self.rss: RssSampler | None = None
 
-    def stages(self) -> list[tuple[str, Callable[[], str | Check]]]:
+    def stages(self) -> list[tuple[str, Callable[[], str | Skipped]]]:
         return [("settings", self.settings), ("weights", self.resolve_weights), ("cohort", self.validate_cohort),
                 ("model", self.build_model), ("system", self.system), ("data loading", self.data_loading),
                 ("training steps", self.training_steps), ("data wait", self.data_wait),
@@ -161,7 +169,8 @@ class UserRunCheck:
                     checks.append(Check(name, False, failure.detail))
                     failed, code = name, failure.exit_code
                     continue
-                checks.append(result if isinstance(result, Check) else Check(name, True, result))
+                checks.append(Check.skip(name, result.reason) if isinstance(result, Skipped)
+                              else Check(name, True, result))
         # Drop the loaders (and their worker processes) before the temporary folder they read from goes away.
         self.trainer = self.loaders = self.model = None
         gc.collect()
@@ -183,11 +192,11 @@ class UserRunCheck:
                 f"normalization {self.config.data.normalization}, on {self.device}; {len(warnings)} warning(s)"
                 f"{' (logged)' if warnings else ''}")
 
-    def resolve_weights(self) -> str | Check:
+    def resolve_weights(self) -> str | Skipped:
         name = self.config.model.pretrained_checkpoint
         if name is None:
-            return Check.skip("weights", "none: random initialisation (--pretrained_checkpoint none, or a model "
-                                         "without published weights)")
+            return Skipped("none: random initialisation (--pretrained_checkpoint none, or a model without "
+                           "published weights)")
         try:
             self.weights = resolve_checkpoint(name)
         except CheckpointError as error:  # CheckpointUnavailableError offline, or a local file that is not there
@@ -298,10 +307,10 @@ class UserRunCheck:
             detail += "; the loader sets the pace: raise --num_workers, keep --cache_in_memory"
         return detail
 
-    def validation_window(self) -> str | Check:
+    def validation_window(self) -> str | Skipped:
         val_loader = self.loaders[1]
         if len(val_loader) == 0:
-            return Check.skip("validation window", "no validation scans")
+            return Skipped("no validation scans")
         roi = int(self.model.img_size)
         batch = next(iter(val_loader))
         image, label = batch["image"].to(self.device), batch["label"].to(self.device)
