@@ -354,8 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune SAM-Med3D to segment intracranial hemorrhage on brain CT.",
     )
     parser.add_argument("--test", action="store_true",
-                        help="Quick self-check: train the tiny model on a generated synthetic cohort and report "
-                             "PASS/FAIL.")
+                        help="Quick self-check. With --train_csv/--val_csv/--mask_dir: check YOUR run in a minute "
+                             "or two (cohort, model and weights, a few training steps, one validation window, "
+                             "memory, epoch time; only selftest_report.json is written to --output_dir). Without: "
+                             "train the tiny model on a generated synthetic cohort. Reports PASS/FAIL/SKIP.")
     for section in _SECTIONS:
         group = parser.add_argument_group(section.title)
         hints = get_type_hints(section.type_)

@@ -2,11 +2,12 @@
 
 It trains the tiny model with the real pipeline in a temporary folder, then checks every output file, the
 BLIP-2 encoder export (rebuilt from ``sam_encoder.pth`` alone it must give bit-identical tokens, and the tokens must
-feed a real Q-Former when ``transformers`` is installed) and resuming, and prints a PASS/FAIL report.
+feed a real Q-Former when ``transformers`` is installed, SKIP otherwise) and resuming, and prints a PASS/FAIL/SKIP
+report. Given data flags (``--train_csv``/``--val_csv``/``--mask_dir``), ``--test`` checks the user's own run
+instead (``usercheck.py``).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import sys
@@ -18,8 +19,10 @@ from typing import Any, Callable
 import torch
 
 import blip2
+from checks import Check, all_passed, format_report
 from config import Config, build_config
 from synthetic import generate_cohort
+from usercheck import has_data_flags, run_user_check
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +39,6 @@ EXPECTED_FILES = ("best_model.pth", "latest_model.pth", "sam_encoder.pth", "conf
 
 # What the self-test runs: train.run_training, passed in by train.py (so this module does not import its caller).
 RunTraining = Callable[..., tuple[int, dict | None]]
-
-
-@dataclasses.dataclass
-class Check:
-    name: str
-    passed: bool
-    detail: str
 
 
 def selftest_argv(cohort: Any, output_dir: Path, base: Config, epochs: int | None = None,
@@ -70,7 +66,10 @@ def _run_check(checks: list[Check], name: str, fn: Callable[[], str]) -> None:
 
 def run_self_test(base: Config, run_training: RunTraining) -> int:
     """Generate a cohort, train with ``run_training(config, warnings) -> (exit code, summary)``, verify; prints
-    the report and returns the exit code (0 PASS, 1 FAIL)."""
+    the report and returns the exit code (0 PASS, 1 FAIL). With data flags in ``base``: the check of the user's
+    own run instead (``usercheck.run_user_check``)."""
+    if has_data_flags(base):
+        return run_user_check(base)
     started = time.time()
     checks: list[Check] = []
     with tempfile.TemporaryDirectory(prefix="ichseg-selftest-") as tmp:
@@ -94,7 +93,7 @@ def run_self_test(base: Config, run_training: RunTraining) -> int:
             try:
                 import transformers  # noqa: F401  (optional: a test-only dependency)
             except ImportError:
-                checks.append(Check("BLIP-2 Q-Former", True, "skipped: transformers not installed"))
+                checks.append(Check.skip("BLIP-2 Q-Former", "transformers not installed"))
             else:
                 _run_check(checks, "BLIP-2 Q-Former",
                            lambda: blip2.check_qformer(output_dir / "sam_encoder.pth"))
@@ -105,13 +104,8 @@ def run_self_test(base: Config, run_training: RunTraining) -> int:
                           SELFTEST_EPOCHS + 1 and len(resumed["history"]) == SELFTEST_EPOCHS + 1)
             checks.append(Check("resume", resumed_ok, f"--resume auto continued to epoch "
                                                       f"{resumed['epochs_completed'] if resumed else '?'}"))
-    elapsed = time.time() - started
-    passed = all(c.passed for c in checks)
-    lines = ["", "ichseg self-test report", "-" * 60]
-    lines += [f"{'PASS' if c.passed else 'FAIL'}  {c.name:<16} {c.detail}" for c in checks]
-    lines += ["-" * 60, f"{'PASS' if passed else 'FAIL'} in {elapsed:.0f} s", ""]
-    print("\n".join(lines), file=sys.stdout, flush=True)
-    return 0 if passed else 1
+    print(format_report("ichseg self-test report", checks, time.time() - started), file=sys.stdout, flush=True)
+    return 0 if all_passed(checks) else 1
 
 
 def _check_files(output_dir: Path) -> str:

@@ -7,7 +7,8 @@
 A synthetic cohort of ``--n_scans`` scans (default 512×512×30 voxels at 0.45×0.45×5 mm, a typical head CT) is
 generated, validated and cached exactly as train.py does it (``validate_cohort``, ``build_dataloaders`` with the
 RAM cache and the automatic worker count), so the crops, augmentations and DataLoader workers are the real ones.
-For every combination of batch size × AMP × gradient checkpointing a fresh model and Trainer are built; one
+For every combination of batch size × AMP × gradient checkpointing a fresh model and Trainer are built (the
+loaders once per batch size; ``bench/harness.py`` holds this machinery, shared with ``bench/gpu_check.py``); one
 untimed warm-up epoch of ``--warmup_steps`` micro-batches (allocator, cuDNN autotuning, worker start) is followed
 by a timed epoch of ``--steps`` micro-batches through ``Trainer.train_epoch``, which measures the data wait (time
 blocked on the loader) and the compute time per epoch.
@@ -23,10 +24,8 @@ The Markdown table goes to ``--out`` (default ``bench/results/train_bench_<devic
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import logging
-import re
 import shutil
 import sys
 import tempfile
@@ -40,17 +39,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the project's modules are flat files at the repository root
 import dataloader  # noqa: E402
-import tracking  # noqa: E402
-import utils  # noqa: E402
-from config import build_config, replace_section  # noqa: E402
-from memory import RssSampler  # noqa: E402
-from model import build_model  # noqa: E402
-from synthetic import SyntheticCohort, generate_cohort  # noqa: E402
-from trainer import Trainer  # noqa: E402
+from bench.harness import (EPOCH_SCANS, LoaderCache, cohort_flags, device_description, device_slug,  # noqa: E402
+                           head_ct_spacing, measure_training, merge_section, prepare_cohort, release_memory,
+                           setting_flags)
+from config import build_config  # noqa: E402
+from reporting import format_duration  # noqa: E402
 
 logger = logging.getLogger("train_bench")
-EPOCH_SCANS = 75  # the cohort size the per-epoch estimate is quoted for
-FIELD_OF_VIEW_MM = 230.4  # in-plane extent of a typical head CT (512 voxels × 0.45 mm)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -92,96 +87,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         parser.error("--batch_sizes and --steps must be >= 1, --warmup_steps >= 0")
     args.n_scans = args.n_scans or args.steps * max(args.batch_sizes)
     # A smaller grid keeps the head's physical size (the preprocessed volume, hence the crops, stay realistic).
-    args.spacing = tuple(args.spacing or (FIELD_OF_VIEW_MM / args.shape[0], FIELD_OF_VIEW_MM / args.shape[1], 5.0))
+    args.spacing = tuple(args.spacing or head_ct_spacing(args.shape))
     if args.n_scans < args.steps * max(args.batch_sizes):
         parser.error(f"--n_scans {args.n_scans} is too small: {args.steps} steps of batch {max(args.batch_sizes)} "
                      f"need {args.steps * max(args.batch_sizes)} scans (one crop per scan per epoch)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     return args, train_flags
-
-
-def device_slug(device: torch.device) -> str:
-    """A file-name-safe device label: ``cpu`` or the GPU's name (``nvidia_h100_80gb_hbm3``)."""
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(device).lower()).strip("_")
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    threads = torch.get_num_threads()
-    return f"CPU, {threads} torch thread{'s' if threads != 1 else ''}"
-
-
-def merge_section(document: str, title: str, section: str) -> str:
-    """``document`` with the section headed ``title`` replaced by ``section`` (appended when absent), so one
-    results file collects a table per model and device setting and a rerun updates its own table only."""
-    sections = re.split(r"(?m)^(?=## )", document)
-    kept = [part for part in sections if part.strip() and part.splitlines()[0] != title]
-    return "\n".join(part.rstrip("\n") + "\n" for part in [*kept, section])
-
-
-def prepare_cohort(args: argparse.Namespace, work_dir: Path) -> Any:
-    """Generate the synthetic cohort once; a work folder that already holds one of the same size is reused."""
-    root = work_dir / f"cohort_{args.n_scans}x{'x'.join(map(str, args.shape))}"
-    if (root / "train.csv").is_file() and (root / "val.csv").is_file():
-        logger.info("reusing the cohort in %s", root)
-        return SyntheticCohort(root / "train.csv", root / "val.csv", root / "masks", root)
-    started = time.perf_counter()
-    # One validation scan: build_dataloaders wants a val split, the bench never iterates it.
-    cohort = generate_cohort(root, n_train=args.n_scans, n_val=1, shape=args.shape, spacing=args.spacing, seed=0)
-    logger.info("generated %d scans of %s in %.1f s", args.n_scans + 1, "×".join(map(str, args.shape)),
-                time.perf_counter() - started)
-    return cohort
-
-
-def base_flags(args: argparse.Namespace, cohort: Any, work_dir: Path, device: torch.device) -> list[str]:
-    return ["--train_csv", str(cohort.train_csv), "--val_csv", str(cohort.val_csv), "--mask_dir",
-            str(cohort.mask_dir), "--cache_dir", str(work_dir / "cache"), "--output_dir", str(work_dir / "run"),
-            "--model", args.model, "--device", device.type, "--gradient_accumulation_steps", "1",
-            *(["--num_workers", str(args.num_workers)] if args.num_workers is not None else [])]
-
-
-def bench_row(flags: list[str], data: Any, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
-    """Train one configuration (warm-up epoch, then the timed epoch); returns the row's figures."""
-    config, _ = build_config([*flags, "--max_steps_per_epoch", str(max(args.warmup_steps, 1))])
-    utils.seed_everything(config.train.seed)
-    model = build_model(config.model)
-    preprocessing = dataloader.Preprocessing.from_config(config.data, model.img_size)
-    train_loader, val_loader = dataloader.build_dataloaders(
-        config.data, preprocessing, data, batch_size=config.train.batch_size, device=device,
-        seed=config.train.seed)
-    assert len(train_loader) >= args.steps, "parse_args sizes the cohort for every batch size"
-    trainer = Trainer(config, model, train_loader, val_loader, device, tracking.NullTracker(),
-                      Path(config.train.output_dir), set_loader_epoch=dataloader.set_epoch,
-                      preprocessing=preprocessing)
-    if args.warmup_steps:
-        trainer.on_epoch_start(0)
-        trainer.train_epoch(0)
-    # The timed epoch: the trainer reads the step cap from its config at the start of each epoch.
-    trainer.config = replace_section(config, "train", max_steps_per_epoch=args.steps)
-    trainer.on_epoch_start(1)  # also resets the GPU peak-memory counters
-    with RssSampler() as rss:
-        stats = trainer.train_epoch(1)
-    memory = trainer.memory.snapshot()
-    steps, batch = args.steps, config.train.batch_size
-    row = {
-        "batch": batch, "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "off",
-        "checkpointing": "on" if config.model.use_gradient_checkpointing else "off", "steps": steps,
-        "s_per_step": stats["epoch_time_s"] / steps, "steps_per_s": steps / stats["epoch_time_s"],
-        "crops_per_s": steps * batch / stats["epoch_time_s"], "data_wait": stats["data_wait_fraction"],
-        "compute_s_per_step": stats["compute_time_s"] / steps,
-        "peak_gpu_gib": memory["peak_gpu_allocated_gb"], "peak_rss_gib": rss.peak / 2**30,
-        "workers_rss_gib": memory["peak_children_rss_gb"], "workers": train_loader.num_workers,
-        "oom": stats["oom_skipped"] > 0,
-    }
-    del trainer, model, train_loader, val_loader
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row
 
 
 def format_table(rows: list[dict[str, Any]], model: str) -> str:
@@ -200,14 +112,8 @@ def format_table(rows: list[dict[str, Any]], model: str) -> str:
             f"| {model} | {r['batch']} | {r['amp']} | {r['checkpointing']} | {r['s_per_step']:.3f} | "
             f"{r['steps_per_s']:.2f} | {r['crops_per_s']:.2f} | {100 * r['data_wait']:.0f}% | "
             f"{r['compute_s_per_step']:.3f} | {gpu} | {r['peak_rss_gib']:.2f} ({r['workers_rss_gib']:.2f}) | "
-            f"{_duration(epoch_s)}{' (OOM skips)' if r['oom'] else ''} |")
+            f"{format_duration(epoch_s)}{' (OOM skips)' if r['oom'] else ''} |")
     return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -221,29 +127,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     work_dir = Path(tempfile.mkdtemp(prefix="train_bench_")) if temporary else Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
-        cohort = prepare_cohort(args, work_dir)
-        flags = base_flags(args, cohort, work_dir, device) + train_flags
+        # One validation scan: build_dataloaders wants a val split, the bench never iterates it.
+        cohort, _ = prepare_cohort(work_dir, args.n_scans, 1, args.shape, args.spacing)
+        workers = ["--num_workers", str(args.num_workers)] if args.num_workers is not None else []
+        flags = [*cohort_flags(cohort, work_dir, args.model, device), *workers, *train_flags]
         config, _ = build_config(flags)
         started = time.perf_counter()
         data = dataloader.validate_cohort(config.data)
         logger.info("validated the cohort in %.1f s", time.perf_counter() - started)
 
+        cache = LoaderCache(data, device)
         rows: list[dict[str, Any]] = []
         for batch, amp, checkpointing in itertools.product(args.batch_sizes, args.amp, args.checkpointing):
             if amp == "on" and device.type == "cpu":
                 logger.warning("skipping AMP rows on the CPU: the trainer runs fp32 there")
                 continue
-            row_flags = [*flags, "--batch_size", str(batch),
-                         "--use_mixed_precision" if amp == "on" else "--no-use_mixed_precision",
-                         "--use_gradient_checkpointing" if checkpointing == "on"
-                         else "--no-use_gradient_checkpointing"]
+            row_config, _ = build_config([*flags, *setting_flags(batch, amp == "on", checkpointing == "on")])
             logger.info("timing %s, batch %d, AMP %s, checkpointing %s", args.model, batch, amp, checkpointing)
             try:
-                rows.append(bench_row(row_flags, data, device, args))
+                rows.append(measure_training(row_config, cache, device, args.steps, args.warmup_steps))
             except torch.OutOfMemoryError:
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                release_memory(device)
                 rows.append({"batch": batch, "amp": amp, "checkpointing": checkpointing, "error": "out of memory"})
             logger.info("row: %s", rows[-1])
 

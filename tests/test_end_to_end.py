@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import torch
 
@@ -46,9 +47,11 @@ def test_cli_training_learns_on_thick_slices_with_small_bleeds_and_writes_every_
 def test_self_test_reports_failure_when_learning_does_not_happen(monkeypatch, capsys):
     # Two epochs stay on the empty-mask plateau: the self-test must say FAIL and exit 1, not pass vacuously.
     monkeypatch.setattr(selftest, "SELFTEST_EPOCHS", 2)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed: that check is SKIP, not PASS
     monkeypatch.setattr(selftest, "SELFTEST_COHORT", {**selftest.SELFTEST_COHORT, "n_train": 4, "n_val": 2})
     code = train.main(["--test", "--device", "cpu"])
     report = capsys.readouterr().out
     assert code == 1
     assert "FAIL  learning" in report and "PASS  output files" in report and "PASS  resume" in report
+    assert "SKIP  BLIP-2 Q-Former" in report and "transformers not installed" in report
     assert report.rstrip().splitlines()[-1].startswith("FAIL in")
