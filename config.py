@@ -87,6 +87,10 @@ class DataConfig:
                                     default=None)
     allow_patient_overlap: bool = _flag(
         "Allow the same patient_id in train and val (patient leakage inflates validation scores).", default=False)
+    allow_unusual_masks: bool = _flag(
+        "Keep masks that validation refuses as misplaced, as warnings: an ICH-positive mask not on blood (median "
+        "outside 30-100 HU, or over 5 percent of it in air or bone), or one whose affine puts it off the image's "
+        "grid (then used voxel for voxel).", default=False)
     cache_in_memory: bool = _flag("Keep preprocessed volumes in RAM as well as on disk (off: --no-cache_in_memory).",
                                   default=True)
 
@@ -146,6 +150,8 @@ class TrainConfig:
     max_steps_per_epoch: int | None = _flag("Cap micro-batches per epoch (quick experiments).", default=None)
     resume: str | None = _flag("Resume: 'auto' (latest_model.pth in output_dir if present) or a checkpoint path.",
                                default=None)
+    overwrite: bool = _flag("Replace the run already in --output_dir (its checkpoints, metrics and summaries are "
+                            "deleted first); without it such a folder needs --resume.", default=False)
     save_every: int = _flag("Also keep an epoch snapshot every N epochs (0: only latest and best).", default=0)
     keep_checkpoints: int = _flag("Number of epoch snapshots to keep when --save_every is set.", default=3)
     max_nonfinite_steps: int = _flag("Abort after this many consecutive non-finite losses.", default=5)
@@ -276,6 +282,8 @@ class Config:
                             "randomly initialised encoder; drop --pretrained_checkpoint none or --freeze_encoder")
         if d.normalization == "auto":
             problems.append("--normalization auto must be resolved first (Config.resolve_defaults)")
+        if t.overwrite and t.resume is not None:
+            problems.append(f"--overwrite and --resume {t.resume} contradict each other: resume the run or replace it")
         if t.resume not in (None, "auto") and not Path(t.resume).is_file():
             problems.append(f"--resume {t.resume}: file not found (pass a checkpoint path or 'auto')")
         if problems:

@@ -17,11 +17,12 @@ only on (seed, epoch): call ``set_epoch(train_loader, epoch)`` before iterating 
 from __future__ import annotations
 
 from data.cohort import REQUIRED_COLUMNS, ScanRow, read_scan_csv, validate_cohort
+from data.geometry import MaskOrientation, align_mask, label_problem, load_mask_for_image, orient_mask
 from data.io import (ARRAY_KEYS, IMAGE_SUFFIXES, MASK_SUFFIXES, MaskHeader, MaskIndex, UnsafePickleError,
                      VolumeLoadError, case_id_from_path, find_mask, is_image_file, load_image_file, load_mask_file,
                      looks_preprocessed, mask_header_spacing, matching_axes, read_mask_header, resolve_spacing)
 from data.loaders import (EpochSampler, StageDataset, ThreadDataLoader, build_dataloaders, choose_num_workers,
-                          sample_seed, set_epoch)
+                          ignore_stop_signals, sample_seed, set_epoch)
 from data.normalization import NORMALIZATIONS
 from data.preprocess import (PIPELINE_VERSION, Preprocessing, pad_with_air, preprocess_image, preprocessed_shape,
                              resample_to_shape)
@@ -31,13 +32,14 @@ from data.transforms import (BATCH_KEYS, CropIndicesd, LoadPreprocessd, PadToRoi
                              build_transforms, cache_key)
 
 __all__ = [
-    "ARRAY_KEYS", "BATCH_KEYS", "IMAGE_SUFFIXES", "MASK_SUFFIXES", "NORMALIZATIONS", "PIPELINE_VERSION",
-    "REQUIRED_COLUMNS", "Case", "Cohort", "CropIndicesd", "DataValidationError", "EpochSampler", "LoadPreprocessd",
-    "MaskHeader", "MaskIndex", "PadToRoid", "Preprocessing", "Problem", "RandHemorrhageCropd", "ScanRow",
-    "StageDataset", "ThreadDataLoader", "Transforms", "UnsafePickleError", "VolumeLoadError", "build_dataloaders",
-    "build_transforms", "cache_key", "case_id_from_path", "choose_num_workers", "compute_dataset_stats",
-    "find_mask", "format_stats_table", "is_image_file", "load_image_file", "load_mask_file", "looks_preprocessed",
-    "mask_header_spacing", "matching_axes", "pad_with_air", "preprocess_image", "preprocessed_shape",
-    "read_mask_header", "read_scan_csv", "resample_to_shape", "resolve_spacing", "sample_seed", "set_epoch",
-    "validate_cohort",
+    "ARRAY_KEYS", "BATCH_KEYS", "Case", "Cohort", "CropIndicesd", "DataValidationError", "EpochSampler",
+    "IMAGE_SUFFIXES", "LoadPreprocessd", "MASK_SUFFIXES", "MaskHeader", "MaskIndex", "MaskOrientation",
+    "NORMALIZATIONS", "PIPELINE_VERSION", "PadToRoid", "Preprocessing", "Problem", "REQUIRED_COLUMNS",
+    "RandHemorrhageCropd", "ScanRow", "StageDataset", "ThreadDataLoader", "Transforms", "UnsafePickleError",
+    "VolumeLoadError", "align_mask", "build_dataloaders", "build_transforms", "cache_key", "case_id_from_path",
+    "choose_num_workers", "compute_dataset_stats", "find_mask", "format_stats_table", "ignore_stop_signals",
+    "is_image_file", "label_problem", "load_image_file", "load_mask_file", "load_mask_for_image",
+    "looks_preprocessed", "mask_header_spacing", "matching_axes", "orient_mask", "pad_with_air", "preprocess_image",
+    "preprocessed_shape", "read_mask_header", "read_scan_csv", "resample_to_shape", "resolve_spacing",
+    "sample_seed", "set_epoch", "validate_cohort",
 ]

@@ -30,13 +30,15 @@ from scipy import ndimage
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+import guards
 import metrics
 import reporting
 import utils
 from config import Config
 from data.cohort import read_scan_csv
-from data.io import (IMAGE_SUFFIXES, MaskIndex, case_id_from_path, in_image_axes, is_image_file, load_image_file,
-                     load_mask_file, matching_axes, read_mask_header, resolve_spacing)
+from data.geometry import load_mask_for_image
+from data.io import (IMAGE_SUFFIXES, MaskIndex, VolumeLoadError, case_id_from_path, in_image_axes, is_image_file,
+                     load_image_file, looks_preprocessed, matching_axes, read_mask_header, resolve_spacing)
 from data.preprocess import Preprocessing, preprocess_image, resample_to_shape
 from data.records import Problem
 from inference import (SIMULATED_CLICKS, Click, apply_clicks, choose_amp_dtype, simulated_click_logits,
@@ -118,6 +120,9 @@ def parse_points(text: str | None) -> list[Click]:
             label = int(values[3]) if len(values) == 4 else 1
         except ValueError as error:
             raise ValueError(f"--points: '{chunk}' is not numeric") from error
+        if any(c < 0 for c in coords):
+            raise ValueError(f"--points: '{chunk}' has a negative coordinate; clicks are voxel indices 0..n-1 "
+                             "along array axes 0, 1, 2")
         if label not in (0, 1):
             raise ValueError(f"--points: label in '{chunk}' must be 0 or 1")
         clicks.append(Click(point=coords, positive=bool(label)))  # type: ignore[arg-type]
@@ -297,12 +302,19 @@ def _predict_scan(scan: ScanInput, config: PredictConfig, predictor: Predictor, 
     started = time.time()
     try:
         image, meta = load_image_file(scan.path)
+        not_raw = looks_preprocessed(image)
+        if not_raw is not None:  # training warns for the same file: a model fed other units answers nonsense
+            logger.warning("%s: %s; expected raw HU, so this prediction is unreliable", scan.path, not_raw)
         mask_path = masks.find(scan.path) if masks is not None else None
         spacing, affine = scan_geometry(scan.path, meta, image.shape, mask_path,
                                         config.spacing or predictor.config.data.spacing)
         truth = None
         if mask_path is not None:
-            truth = load_mask_file(mask_path, expected_shape=image.shape)
+            # The same alignment training validates with: reoriented by the affines, refused when they disagree.
+            truth, orientation = load_mask_for_image(mask_path, image.shape, meta.get("affine"))
+            if not orientation.is_identity:
+                logger.warning("%s: mask %s brought into the image's grid (%s)", scan.path, mask_path.name,
+                               orientation.describe())
         elif config.mask_dir and scan.ich == 1:
             logger.warning("%s: ICH-positive in the CSV but no mask in %s; not evaluated", scan.path,
                            config.mask_dir)
@@ -310,8 +322,9 @@ def _predict_scan(scan: ScanInput, config: PredictConfig, predictor: Predictor, 
             truth = np.zeros(image.shape, dtype=np.uint8)  # ICH-negative scans have no mask file: empty truth
         probabilities, clicked = predictor.segment(image, spacing, clicks, truth, config.simulate_clicks)
     except (OSError, ValueError, RuntimeError) as error:
-        failures.append(f"{scan.path}: {error}")
-        logger.error("%s: skipped: %s", scan.path, error)
+        reason = _reason(error, scan.path)
+        failures.append(f"{scan.path}: {reason}")
+        logger.error("%s: skipped: %s", scan.path, reason)
         return None
     mask = (probabilities >= config.threshold).astype(np.uint8)
     stem = case_id_from_path(scan.path)
@@ -334,6 +347,29 @@ def _predict_scan(scan: ScanInput, config: PredictConfig, predictor: Predictor, 
     return prediction, evaluation
 
 
+def _reason(error: BaseException, path: Path) -> str:
+    """The error's message without the scan's path in front (the caller names the scan once)."""
+    if isinstance(error, VolumeLoadError) and Path(error.path) == path:
+        return error.reason
+    text = str(error)
+    return text[len(f"{path}: "):] if text.startswith(f"{path}: ") else text
+
+
+def _points_value_attached(argv: Sequence[str]) -> list[str]:
+    """``--points -5,3,2`` as ``--points=-5,3,2``: argparse takes a value starting with '-' for an option and
+    would refuse it before parse_points could say what is wrong with it."""
+    joined: list[str] = []
+    index = 0
+    while index < len(argv):
+        if argv[index] == "--points" and index + 1 < len(argv):
+            joined.append(f"--points={argv[index + 1]}")
+            index += 2
+        else:
+            joined.append(argv[index])
+            index += 1
+    return joined
+
+
 def format_summary(summary: dict[str, float]) -> str:
     labels = {"dice": "Dice (all scans)", "dice_positive": "Dice (ICH-positive scans)",
               **{key: f"  after {key.split('_')[-1][:-5]} simulated click(s)" for key in summary
@@ -345,8 +381,14 @@ def format_summary(summary: dict[str, float]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_points_value_attached(sys.argv[1:] if argv is None else argv))
     config = PredictConfig(**vars(args))
+    try:
+        guards.usable_folder(config.output_dir, "--output_dir")  # before the log file is opened in it
+    except guards.RunGuardError as error:
+        utils.setup_logging(None)
+        logger.error("%s", error)
+        return 2
     utils.setup_logging(Path(config.output_dir), rank=0, log_name="predict.log")
     try:
         return run(config)

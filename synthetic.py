@@ -322,9 +322,17 @@ def synthesize_scan(shape: Sequence[int], spacing: Sequence[float], rng: np.rand
                          foci=int(foci), focus_ml=tuple(focus_ml), streaks=streaks)
 
 
+def scan_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+    """The voxel-to-world affine of a synthetic scan and of its mask (the same grid): axis-aligned, centred on the
+    volume, as a scanner's would be."""
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [-(n * s) / 2.0 for n, s in zip(shape, spacing)]
+    return affine
+
+
 def _pkl_payload(image: np.ndarray, spacing: Sequence[float], positive: bool, rng: np.random.Generator) -> object:
     """One of the pkl layouts users produce. ICH-negative scans have no mask, so they always carry spacing."""
-    affine = np.diag([*spacing, 1.0])
+    affine = scan_affine(image.shape, spacing)
     layouts = ["image+spacing", "img", "bare", "ct+affine"] if positive else ["image+spacing", "volume+spacing",
                                                                              "data+affine"]
     layout = layouts[int(rng.integers(len(layouts)))]
@@ -403,8 +411,7 @@ def generate_cohort(out_dir: str | Path, n_train: int, n_val: int, shape: Sequen
             if positive:
                 stem = f"{number}" if rng.random() < 0.2 else f"{number:03d}"
                 suffix = ".nii" if rng.random() < 0.25 else ".nii.gz"
-                affine = np.diag([*spacing, 1.0])
-                affine[:3, 3] = [-(n_ * s) / 2.0 for n_, s in zip(shape, spacing)]
+                affine = scan_affine(shape, spacing)
                 nifti = nib.Nifti1Image(scan.mask, affine)
                 nifti.header.set_qform(affine, code=1)
                 nifti.header.set_sform(affine, code=1)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import dataloader
+import guards
 import tracking
 import utils
 from config import Config, ConfigError, build_config, replace_section
@@ -55,12 +56,19 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device | None]:
 
 def run_training(config: Config, config_warnings: Sequence[str] = ()) -> tuple[int, dict | None]:
     """The real pipeline for a validated Config; returns (exit code, training summary or None)."""
+    refusal = _refuse_before_work(config)
+    if refusal is not None:
+        return refusal, None
     rank, world_size, device = init_distributed(config.train.device)
     output_dir = Path(config.train.output_dir)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
     utils.setup_logging(output_dir if rank == 0 else None, rank=rank)
     try:
+        if rank == 0 and config.train.overwrite:
+            removed = guards.clear_previous_run(output_dir)
+            if removed:
+                logger.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), output_dir)
         for warning in config_warnings if rank == 0 else ():  # every rank sees the same config: say it once
             logger.warning("config: %s", warning)
         if config.data.cache_dir is None:
@@ -114,6 +122,9 @@ def run_training(config: Config, config_warnings: Sequence[str] = ()) -> tuple[i
         except TrainingInterrupted as interrupted:
             logger.warning("%s", interrupted)
             return EXIT_INTERRUPTED, None
+        except guards.ResumeMismatchError as error:
+            logger.error("%s", error)
+            return EXIT_USAGE, None
         except (NonFiniteLossError, CheckpointError, FileNotFoundError) as error:
             # Diverged training, or a --resume file that is missing, corrupt or from another architecture.
             logger.error("%s", error)
@@ -125,9 +136,25 @@ def run_training(config: Config, config_warnings: Sequence[str] = ()) -> tuple[i
             # down while another is still inside it.
             dist.barrier()
         return EXIT_OK, summary
+    except utils.DiskFullError as error:
+        logger.error("%s. Then resume with the same command plus --resume auto", error)
+        return EXIT_FAILED, None
     finally:
         if world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _refuse_before_work(config: Config) -> int | None:
+    """The exit code when the run must not start (``guards.check_training_run``: an unusable folder, a run that
+    would be overwritten, a --resume checkpoint that does not fit), after logging why in one line; None to go on.
+    Runs on every rank before any of them writes, so all of them stop together."""
+    try:
+        guards.check_training_run(config)
+    except (guards.RunGuardError, CheckpointError) as error:
+        utils.setup_logging(None)  # the console only: nothing may be written into a folder that was refused
+        logger.error("%s", error)
+        return EXIT_USAGE if isinstance(error, guards.RunGuardError) else EXIT_FAILED
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

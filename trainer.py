@@ -27,6 +27,7 @@ from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
+import guards
 import metrics
 import reporting
 import tracking
@@ -744,13 +745,11 @@ class Trainer:
                 return
             raise FileNotFoundError(f"--resume {path}: checkpoint not found")
         # Names the file on any unreadable, unsafe or foreign content (the checks model.load_trained makes).
-        state = read_trained_checkpoint(path, required=("model_state_dict", "optimizer_state_dict", "epoch",
-                                                        "config"))
-        saved_model = state["config"].get("model", {})
-        if saved_model.get("name") != self.config.model.name:
-            raise ValueError(f"{path} was trained with --model {saved_model.get('name')}, this run uses "
-                             f"--model {self.config.model.name}")
+        state = read_trained_checkpoint(path, required=())
+        # A checkpoint of other settings (preprocessing, architecture, trainable set) is refused in one line.
+        guards.check_resume_state(state, self.config, path)
         load_trained_weights(self.model, state, path)
+        guards.check_parameter_groups(state["optimizer_state_dict"], self.optimizer, path)
         self.optimizer.load_state_dict(state["optimizer_state_dict"])
         self.scheduler.load_state_dict(state["scheduler_state_dict"])
         self.scaler.load_state_dict(state["scaler_state_dict"])

@@ -8,6 +8,7 @@ at import time. Memory sizes are reported in GB meaning 2**30 bytes (what ``nvid
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.metadata
 import logging
 import os
@@ -138,12 +139,64 @@ def _fsync_directory(directory: Path) -> None:
         logger.debug("could not fsync directory %s: %s", directory, err)
 
 
+# errno values that mean "no space left": the disk is full, or the user's quota is.
+DISK_FULL_ERRNOS = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None)
+
+
+class DiskFullError(OSError):
+    """An atomic write ran out of disk space; the file at its path still holds its previous content. The message is
+    one line: the file, how much to free and on which file system."""
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None):
+        # One positional argument suffices, so a DataLoader worker can re-raise it in the main process.
+        super().__init__(errno.ENOSPC, message, None if path is None else str(path))
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _disk_full_cause(error: BaseException | None) -> OSError | None:
+    """The out-of-space OSError behind ``error``, if any: torch.save reports a failed write as a RuntimeError
+    ("unexpected pos") whose context is the OSError, so the whole chain is searched."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def mount_point(path: str | os.PathLike) -> Path:
+    """The mount point of the file system holding ``path`` (or its nearest existing parent)."""
+    current = _existing_ancestor(Path(path))
+    while not os.path.ismount(current) and current != current.parent:
+        current = current.parent
+    return current
+
+
+def _disk_full_error(path: Path, expected_bytes: int) -> DiskFullError:
+    mount = mount_point(path)
+    free = shutil.disk_usage(mount).free
+    # Room for this file and one more like it: latest_model.pth and best_model.pth are often written together.
+    needed = max(2 * expected_bytes - free, expected_bytes, 1)
+
+    def size(n_bytes: float) -> str:
+        return f"{n_bytes / GB:.1f} GB" if n_bytes >= 0.1 * GB else f"{n_bytes / 2**20:.0f} MB"
+
+    return DiskFullError(f"disk full while writing {path}: free {size(needed)} on {mount} (the file takes about "
+                         f"{size(expected_bytes)}, {size(free)} is free there); {path.name} still holds its previous "
+                         "content", path)
+
+
 @contextlib.contextmanager
-def _atomic_file(path: str | os.PathLike, binary: bool) -> Iterator[IO]:
+def _atomic_file(path: str | os.PathLike, binary: bool, expected_bytes: int = 0) -> Iterator[IO]:
     """Yield a temporary file next to ``path``; on success it replaces ``path`` in one rename.
 
     If the body raises (or the process is interrupted), the temporary file is deleted and whatever was at
-    ``path`` before is left untouched.
+    ``path`` before is left untouched. Running out of disk space raises DiskFullError, one line saying how much
+    to free where (``expected_bytes``: the size the file will have, else the previous file's or what was written).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,16 +212,32 @@ def _atomic_file(path: str | os.PathLike, binary: bool) -> Iterator[IO]:
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         # Clean up and re-raise: a failed save must not leave a half-written temp file behind.
+        written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
-        raise
+        if isinstance(error, DiskFullError) or _disk_full_cause(error) is None:
+            raise
+        previous = path.stat().st_size if path.is_file() else 0
+        raise _disk_full_error(path, expected_bytes or previous or written) from error
     _fsync_directory(path.parent)
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested checkpoint dict/list: about the size torch.save will write."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` that never leaves a truncated file at ``path`` (temp file + fsync + ``os.replace``)."""
-    with _atomic_file(path, binary=True) as handle:
+    """``torch.save`` that never leaves a truncated file at ``path`` (temp file + fsync + ``os.replace``);
+    DiskFullError when the disk fills up."""
+    with _atomic_file(path, binary=True, expected_bytes=_tensor_bytes(obj)) as handle:
         torch.save(obj, handle)
 
 

@@ -93,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 t2 = time.perf_counter()
                 if case.mask_path:
                     mask = D.load_mask_file(case.mask_path)
-                    D.resample_to_shape(mask.transpose(case.mask_axes)[None], image.shape[1:], "nearest")
+                    D.resample_to_shape(D.orient_mask(mask, (case.mask_axes, case.mask_flips))[None], image.shape[1:],
+                                        "nearest")
                 t3 = time.perf_counter()
                 load.append(t1 - t0)
                 preprocess.append(t2 - t1)

@@ -18,8 +18,11 @@ import numpy as np
 import pandas as pd
 
 from config import DataConfig
+from data.budget import cache_bytes, cache_problem, preprocessing_problem, reading_problem
+from data.geometry import OVERRIDE_FLAG, MaskOrientation, align_mask, label_problem, orient_mask
 from data.io import (MaskIndex, VolumeLoadError, case_id_from_path, content_digest, in_image_axes,
-                     looks_preprocessed, mask_key, matching_axes, read_image, read_mask, resolve_spacing)
+                     looks_preprocessed, mask_key, read_image, read_mask, resolve_spacing)
+from data.normalization import NORMALIZATIONS
 from data.records import Case, Cohort, DataValidationError, Problem
 from data.stats import scan_stats
 from utils import usable_cpu_count
@@ -32,8 +35,9 @@ _MAX_LISTED = 50
 
 @dataclass(frozen=True)
 class ScanRow:
-    """One row of a scan CSV: ``row`` is 1-based (header not counted), ``image_path`` absolute (relative paths are
-    resolved against the CSV's folder), ``ich`` 0/1 or None (missing or invalid), ``patient_id`` stripped."""
+    """One row of a scan CSV: ``row`` is its line in the file as editors number it (the header is line 1),
+    ``image_path`` absolute (relative paths are resolved against the CSV's folder), ``ich`` 0/1 or None (missing or
+    invalid), ``patient_id`` stripped."""
 
     split: str
     csv: str
@@ -59,14 +63,16 @@ def read_scan_csv(csv_path: str | os.PathLike, split: str, problems: list[Proble
                   required: Sequence[str] = REQUIRED_COLUMNS) -> list[ScanRow]:
     """Rows of a ``path,ich,patient_id`` CSV; every problem is appended to ``problems`` (nothing raises).
 
-    Cells are read as text: surrounding whitespace is ignored and blanks stay blank (never NaN). Columns outside
+    Cells are read as text: surrounding whitespace is ignored and blanks stay blank (never NaN); blank lines are
+    skipped but counted, so ``row`` is the file's line number (header = line 1). Columns outside
     ``required`` may be absent (``predict.py`` needs only ``path``); a present ``ich`` must be 0 or 1 where it is
     required or not blank, and ``patient_id`` may be blank only when not required. ``split`` names the CSV in the
     messages ("train", "val", "input").
     """
     csv_path = Path(os.path.abspath(Path(csv_path).expanduser()))
     try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True,
+                            skip_blank_lines=False)  # kept, so a row's index gives its line in the file
     except FileNotFoundError:
         problems.append(Problem(str(csv_path), f"{split} CSV not found"))
         return []
@@ -88,9 +94,16 @@ def read_scan_csv(csv_path: str | os.PathLike, split: str, problems: list[Proble
         problems.append(Problem(str(csv_path), f"{split} CSV has a header but no rows"))
         return []
     blank = [""] * len(frame)
+    empty_lines = frame.apply(lambda cells: all(not str(c).strip() for c in cells), axis=1)
+    if empty_lines.all():
+        problems.append(Problem(str(csv_path), f"{split} CSV has a header but no rows"))
+        return []
     rows = []
+    # Line 1 is the header, so the first data line is line 2.
     for number, (path_text, ich_text, patient) in enumerate(
-            zip(frame["path"], frame.get("ich", blank), frame.get("patient_id", blank)), start=1):
+            zip(frame["path"], frame.get("ich", blank), frame.get("patient_id", blank)), start=2):
+        if empty_lines.iloc[number - 2]:
+            continue
         path_text, ich_text, patient = path_text.strip(), ich_text.strip(), patient.strip()
         if not path_text:
             problems.append(Problem("(no path)", "the path is empty", str(csv_path), number))
@@ -113,6 +126,7 @@ class _Inspection:
     mask_255: str | None = None
     fallback_spacing: str | None = None
     ich_mismatch: str | None = None
+    cache_bytes: int = 0
     case: Case | None = None
     stats: dict[str, Any] | None = None
 
@@ -161,6 +175,10 @@ def _inspect_row(row: ScanRow, masks: MaskIndex | None, data_config: DataConfig)
         problem(row.image_path, f"ICH-positive scan has no mask {where}: looked for {case_id}.nii or "
                                 f"{case_id}.nii.gz (leading zeros ignored)")
 
+    too_large = reading_problem(row.image_path)  # sized from its header: a huge file is not read whole to check it
+    if too_large is not None:
+        problem(row.image_path, too_large)
+        return found
     volume = mask = None
     try:
         volume, meta, image_digest = read_image(row.image_path, digest=True)
@@ -168,26 +186,21 @@ def _inspect_row(row: ScanRow, masks: MaskIndex | None, data_config: DataConfig)
         problem(exc.path, exc.reason)
     if mask_path is not None:
         try:
-            mask, mask_spacing, mask_digest, was_255 = read_mask(mask_path)
+            mask, mask_spacing, mask_digest, was_255, mask_affine = read_mask(mask_path)
         except VolumeLoadError as exc:
             problem(exc.path, exc.reason)
     if volume is None or (mask_path is not None and mask is None):
         return found
 
-    axes = (0, 1, 2)
-    if mask is not None and mask.shape != volume.shape:
-        permutation = matching_axes(volume.shape, mask.shape)
-        if permutation is None:
-            problem(mask_path, f"mask shape {mask.shape} does not match image shape {volume.shape} "
-                               f"({row.image_path.name}), not even with its axes reordered")
+    orientation = None
+    if mask is not None:
+        orientation = _aligned_orientation(row, volume, meta["affine"], mask, mask_path, mask_affine,
+                                           data_config.allow_unusual_masks, found)
+        if orientation is None:
             return found
-        axes = permutation
-        tie = " (equal-size axes kept in stored order; check the orientation)" if len(set(volume.shape)) < 3 else ""
-        found.warnings.append(f"{mask_path}: mask shape {mask.shape} is the image's {volume.shape} with the axes "
-                              f"reordered; transposed the mask with axes {axes} to match {row.image_path}{tie}")
-        mask = mask.transpose(axes)
+        mask = orient_mask(mask, orientation)
 
-    mask_spacing_img = in_image_axes(mask_spacing, axes) if mask is not None else None
+    mask_spacing_img = in_image_axes(mask_spacing, orientation.axes) if orientation is not None else None
     spacing, source = resolve_spacing(meta["spacing"], mask_spacing_img, data_config.spacing)
     if source == "fallback":
         found.fallback_spacing = str(row.image_path)
@@ -201,6 +214,14 @@ def _inspect_row(row: ScanRow, masks: MaskIndex | None, data_config: DataConfig)
     reason = looks_preprocessed(volume)
     if reason is not None:
         found.warnings.append(f"{row.image_path}: {reason}; expected raw HU")
+    normalization = NORMALIZATIONS.get(data_config.normalization)
+    unusable = normalization.problem(volume, data_config.hu_window) if normalization is not None else None
+    if unusable is not None:
+        problem(row.image_path, unusable)
+    target_shape, too_large = preprocessing_problem(volume.shape, spacing, data_config.target_spacing)
+    if too_large is not None:
+        problem(row.image_path, too_large)
+    found.cache_bytes = cache_bytes(target_shape)
 
     blood = int(np.count_nonzero(mask)) if mask is not None else 0
     voxel_ml = float(np.prod(spacing)) / 1000.0
@@ -213,15 +234,53 @@ def _inspect_row(row: ScanRow, masks: MaskIndex | None, data_config: DataConfig)
                               f"{blood} voxels ({blood * voxel_ml:.1f} mL)")
     if mask is not None and was_255:
         found.mask_255 = str(mask_path)
+    if row.ich == 1 and blood > 0:
+        unusual = label_problem(volume, mask)
+        if unusual is not None and data_config.allow_unusual_masks:
+            found.warnings.append(f"{mask_path}: {unusual.split('. It probably')[0]} (kept: {OVERRIDE_FLAG})")
+        elif unusual is not None:
+            problem(mask_path, unusual)
     if row.ich is None or not row.patient_id or found.problems:
         return found
 
     fingerprint = content_digest(f"{image_digest}:{mask_digest if mask is not None else '-'}".encode())
     found.case = Case(image_path=str(row.image_path), mask_path=str(mask_path) if mask_path else None,
                       ich=row.ich, patient_id=row.patient_id, case_id=case_id, csv_path=row.csv, row=row.row,
-                      spacing=spacing, spacing_source=source, mask_axes=axes, fingerprint=fingerprint)
+                      spacing=spacing, spacing_source=source,
+                      mask_axes=orientation.axes if orientation is not None else (0, 1, 2),
+                      mask_flips=orientation.flips if orientation is not None else (0, 0, 0),
+                      fingerprint=fingerprint)
     found.stats = scan_stats(volume, blood, spacing, source, row.split, row.ich)
     return found
+
+
+def _aligned_orientation(row: ScanRow, volume: np.ndarray, image_affine: np.ndarray | None, mask: np.ndarray,
+                         mask_path: Path, mask_affine: np.ndarray | None, allow_unusual: bool,
+                         found: _Inspection) -> MaskOrientation | None:
+    """How the mask goes onto the image's grid (``data.geometry.align_mask``); records the warnings and problems.
+    None when no orientation fits the image's shape (nothing else about the mask can be checked then)."""
+    alignment = align_mask(image_affine, mask_affine, mask.shape, volume.shape)
+    orientation = alignment.orientation
+    if orientation is None:
+        found.problems.append(Problem(str(mask_path), f"{alignment.disagreement} ({row.image_path.name})", row.csv,
+                                      row.row))
+        return None
+    if alignment.from_affines and not orientation.is_identity:
+        found.warnings.append(f"{mask_path}: stored in another orientation than {row.image_path} (their affines "
+                              f"say so); brought the mask into the image's voxel grid ({orientation.describe()})")
+    elif not orientation.is_identity:
+        tie = " (equal-size axes kept in stored order; check the orientation)" if len(set(volume.shape)) < 3 else ""
+        found.warnings.append(f"{mask_path}: mask shape {mask.shape} is the image's {volume.shape} with the axes "
+                              f"reordered; transposed the mask with axes {orientation.axes} to match "
+                              f"{row.image_path}{tie}")
+    if alignment.disagreement is not None and allow_unusual:
+        found.warnings.append(f"{mask_path}: {alignment.disagreement}; used voxel for voxel ({OVERRIDE_FLAG})")
+    elif alignment.disagreement is not None:
+        found.problems.append(Problem(
+            str(mask_path), f"{alignment.disagreement} (image {row.image_path.name}): the mask does not lie on the "
+                            "image's voxels. Re-save it on the image's grid; if only its header is wrong, pass "
+                            f"{OVERRIDE_FLAG}", row.csv, row.row))
+    return orientation
 
 
 def _listing(items: Sequence[str]) -> str:
@@ -234,6 +293,16 @@ def _io_threads(n_items: int) -> int:
     return max(1, min(8, usable_cpu_count(), n_items))
 
 
+def _raise_sorted(problems: list[Problem], rows: Sequence[ScanRow]) -> None:
+    """Raise DataValidationError with the problems read like the CSVs: file-level problems first, then train rows,
+    then val rows, in row order."""
+    csv_order: dict[str, int] = {}
+    for row in rows:
+        csv_order.setdefault(row.csv, len(csv_order))
+    problems.sort(key=lambda p: (p.row is not None, csv_order.get(p.csv or "", -1), p.row or 0))
+    raise DataValidationError(problems)
+
+
 def validate_cohort(data_config: DataConfig) -> Cohort:
     """Read and check the whole cohort before any model is built; raise once with every problem.
 
@@ -241,11 +310,16 @@ def validate_cohort(data_config: DataConfig) -> Cohort:
     columns, ich not 0/1, empty patient_id, duplicate rows, two scans with one file number, missing/unreadable/
     unsafe image files, bad image arrays (see load_image_file), ICH-positive scan without a mask, several masks for
     one file number, non-binary / NaN masks, image-mask shapes that are not an axis permutation of each other, the
-    same patient_id in train and val (unless ``allow_patient_overlap``).
+    same patient_id in train and val (unless ``allow_patient_overlap``), a scan the normalisation cannot use (no
+    head voxel above the window floor), a file or a preprocessed volume too large for the RAM available, a cache
+    too large for the disk of ``cache_dir`` (``data.budget``); unless ``allow_unusual_masks``: a mask whose grid
+    disagrees with the image's (origin, voxel size or direction, when both carry an affine) and an ICH-positive
+    mask that does not lie on blood (``data.geometry.label_problem``).
 
-    Warnings (returned in ``Cohort.warnings`` and logged): 0/255 masks read as 0/1, mask transposed to match the
-    image, fallback spacing used, image/mask spacing disagreement, implausible spacing, data that does not look
-    like raw HU, ich label disagreeing with the mask, allowed patient overlap.
+    Warnings (returned in ``Cohort.warnings``, not logged: the caller logs them once): 0/255 masks read as 0/1, mask
+    transposed or reoriented (from the affines) onto the image's grid, fallback spacing used, image/mask spacing
+    disagreement, implausible spacing, data that does not look like raw HU, ich label disagreeing with the mask,
+    allowed patient overlap, and the mask problems above when ``allow_unusual_masks`` keeps them.
 
     Relative CSV paths are resolved against the CSV's folder. Every image and mask is read exactly once (in a
     thread pool); what is learned (spacing, mask transpose, content hash, HU histogram, blood volume) is kept in
@@ -303,18 +377,17 @@ def validate_cohort(data_config: DataConfig) -> Cohort:
         warnings.append(f"{len(overlap)} patient(s) are in both train and val (allowed by allow_patient_overlap; "
                         f"validation scores will be optimistic): {_listing(overlap)}")
 
+    if data_config.cache_dir is not None:
+        no_room = cache_problem(sum(i.cache_bytes for i in inspections), data_config.cache_dir)
+        if no_room is not None:
+            problems.append(Problem(str(Path(data_config.cache_dir).expanduser()), no_room))
+
     if problems:
-        # Read like the CSVs: file-level problems first, then train rows, then val rows, in row order.
-        csv_order = {}
-        for row in rows:
-            csv_order.setdefault(row.csv, len(csv_order))
-        problems.sort(key=lambda p: (p.row is not None, csv_order.get(p.csv or "", -1), p.row or 0))
-        raise DataValidationError(problems)
+        _raise_sorted(problems, rows)
     train = [i.case for r, i in zip(unique, inspections) if r.split == "train" and i.case is not None]
     val = [i.case for r, i in zip(unique, inspections) if r.split == "val" and i.case is not None]
     stats = {i.case.case_id: i.stats for i in inspections if i.case is not None and i.stats is not None}
-    for message in warnings:
-        logger.warning("%s", message)
+    # The warnings are returned, not logged: the caller logs them once (train.py on rank 0 only).
     logger.info("validated %d scans (train %d, val %d) in %.1f s", len(train) + len(val), len(train), len(val),
                 time.perf_counter() - started)
     return Cohort(train=train, val=val, warnings=warnings, case_stats=stats)

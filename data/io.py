@@ -30,6 +30,11 @@ MASK_SUFFIXES = (".nii.gz", ".nii")
 ARRAY_KEYS = ("image", "img", "ct", "volume", "data")  # where a pkl/npz dict may keep the volume
 # Raw head CT always contains air (about -1000 HU); a volume without any voxel below this is not raw HU.
 AIR_THRESHOLD_HU = -500.0
+_TORCH_FILE_ADVICE = ("it looks like a torch.save file (tensors are stored by reference), but only numpy arrays, "
+                      "dtypes, numpy scalars and plain containers are accepted; nothing in it was run. Save the "
+                      "volume with numpy (pickle.dump(tensor.numpy(), f) or np.save) or as NIfTI")
+# The first of the pickles torch.save(..., _use_new_zipfile_serialization=False) writes one after the other.
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _BAD_DTYPE_KINDS = {"b": "boolean", "c": "complex", "O": "Python object", "U": "string", "S": "bytes",
                     "V": "structured", "M": "datetime", "m": "timedelta"}
 
@@ -89,6 +94,10 @@ class _VolumeUnpickler(pickle.Unpickler):
         self._source = source
         self._allowed = _pickle_allowlist()
 
+    def persistent_load(self, pid: Any) -> Any:
+        # Only torch.save (and similar frameworks) write persistent references; a numpy pickle never does.
+        raise UnsafePickleError(self._source, f"refused to unpickle: {_TORCH_FILE_ADVICE}")
+
     def find_class(self, module: str, name: str) -> Any:
         obj = self._allowed.get((module, name))
         if obj is None:
@@ -100,8 +109,13 @@ class _VolumeUnpickler(pickle.Unpickler):
 
 
 def _unpickle(raw: bytes, path: Path) -> Any:
+    if raw[:4] == b"PK\x03\x04":  # torch.save's default format is a zip archive around a pickle
+        raise UnsafePickleError(path, f"refused to unpickle: the file is a zip archive; {_TORCH_FILE_ADVICE}")
     try:
-        return _VolumeUnpickler(io.BytesIO(raw), str(path)).load()
+        payload = _VolumeUnpickler(io.BytesIO(raw), str(path)).load()
+        if isinstance(payload, int) and payload == _TORCH_LEGACY_MAGIC:  # torch.save's old format starts so
+            raise UnsafePickleError(path, f"refused to unpickle: {_TORCH_FILE_ADVICE}")
+        return payload
     except UnsafePickleError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
@@ -169,6 +183,21 @@ def _nifti_data(image: nib.Nifti1Image, path: Path) -> np.ndarray:
         return np.asanyarray(image.dataobj)  # applies scl_slope/scl_inter when the header sets them
     except (ValueError, EOFError, OSError) as exc:
         raise VolumeLoadError(path, f"NIfTI voxel data unreadable or truncated ({exc})") from exc
+
+
+def nifti_world_affine(image: nib.Nifti1Image) -> np.ndarray | None:
+    """The header's voxel-to-world affine when the file sets one (qform or sform code > 0), else None: without
+    either, nibabel's affine is a guess from pixdim (centred, x flipped) that says nothing about the scanner."""
+    if int(image.header["sform_code"]) == 0 and int(image.header["qform_code"]) == 0:
+        return None
+    return np.asarray(image.affine, dtype=np.float64)
+
+
+def _without_trailing_singletons(data: np.ndarray) -> np.ndarray:
+    """X×Y×Z×1 (×1...) is a common way to store a 3-D volume in NIfTI: drop the trailing length-1 axes."""
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    return data
 
 
 def _nifti_spacing(image: nib.Nifti1Image) -> tuple[float, float, float] | None:
@@ -260,7 +289,8 @@ def _decode_image(raw: bytes, path: Path) -> tuple[Any, dict[str, Any]]:
         return _array_from_payload(payload, path, ".npz archive")
     image = _nifti_from_bytes(raw, path)
     spacing = _nifti_spacing(image)
-    return _nifti_data(image, path), {"spacing": spacing, "affine": image.affine if spacing else None}
+    return _without_trailing_singletons(_nifti_data(image, path)), {"spacing": spacing,
+                                                                    "affine": nifti_world_affine(image)}
 
 
 def validated_ct_volume(array: Any, path: Path) -> np.ndarray:
@@ -343,19 +373,18 @@ def _binarize_mask(data: np.ndarray, path: Path) -> tuple[np.ndarray, bool]:
                                 "Reduce a multi-class label map to hemorrhage / no hemorrhage first")
 
 
-def read_mask(path: Path) -> tuple[np.ndarray, Spacing | None, str, bool]:
-    """(D×H×W uint8 mask in {0, 1}, header spacing or None, content hash, whether it held 0/255) from one read."""
+def read_mask(path: Path) -> tuple[np.ndarray, Spacing | None, str, bool, np.ndarray | None]:
+    """(D×H×W uint8 mask in {0, 1}, header spacing or None, content hash, whether it held 0/255, the header's
+    world affine or None (``nifti_world_affine``)) from one read."""
     if _matching_suffix(path.name, MASK_SUFFIXES) is None:
         raise VolumeLoadError(path, "masks must be NIfTI files (.nii or .nii.gz)")
     raw = _read_bytes(path)
     image = _nifti_from_bytes(raw, path)
-    data = _nifti_data(image, path)
-    while data.ndim > 3 and data.shape[-1] == 1:  # X×Y×Z×1 is a common way to store a 3-D mask
-        data = data[..., 0]
+    data = _without_trailing_singletons(_nifti_data(image, path))
     if data.ndim != 3:
         raise VolumeLoadError(path, f"expected a 3-D mask, got shape {tuple(data.shape)}")
     mask, was_255 = _binarize_mask(data, path)
-    return mask, _nifti_spacing(image), content_digest(raw), was_255
+    return mask, _nifti_spacing(image), content_digest(raw), was_255, nifti_world_affine(image)
 
 
 def load_mask_file(path: str | os.PathLike, expected_shape: Sequence[int] | None = None) -> np.ndarray:
@@ -365,7 +394,7 @@ def load_mask_file(path: str | os.PathLike, expected_shape: Sequence[int] | None
     (see ``matching_axes``; logged as a warning). Raises VolumeLoadError naming the file for non-binary values,
     NaN/inf, a non-3-D array or a shape that cannot match. Its header spacing: ``mask_header_spacing``."""
     path = Path(path)
-    mask, _, _, _ = read_mask(path)
+    mask = read_mask(path)[0]
     if expected_shape is not None and tuple(mask.shape) != tuple(expected_shape):
         axes = matching_axes(expected_shape, mask.shape)
         if axes is None:

@@ -8,6 +8,9 @@ uninterrupted one, whatever the number of workers.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -21,6 +24,7 @@ from monai.transforms import Compose
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from config import DataConfig
+from data.budget import small_volume_warning
 from data.preprocess import Preprocessing, preprocessed_shape
 from data.records import Case, Cohort
 from data.transforms import MAX_HEAD_INDICES, build_transforms, cache_key
@@ -113,10 +117,37 @@ def choose_num_workers(data_config: DataConfig, device: torch.device, largest_vo
     return workers
 
 
+def _exit_when_the_loader_terminates(parent: int) -> None:
+    """A worker's SIGTERM watcher thread: exit when the DataLoader itself terminates this worker (the signal comes
+    from the parent process, e.g. at interpreter exit), ignore every other SIGTERM. The exit status is 0: the
+    parent's worker-failure check would report any other status as a crash while the run is ending."""
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers leave SIGINT and SIGTERM to the main process, which decides.
+
+    ``timeout``, systemd, SLURM and a terminal's Ctrl-C signal the whole process group (or cgroup). A worker that
+    died of it made the main process raise "DataLoader worker killed by signal" before it could save; a worker that
+    inherited the trainer's handler (fork) logged "received SIGINT" once more. Here SIGINT is ignored, and SIGTERM
+    is blocked and read by a thread that exits only when the parent sends it: the DataLoader shutting the worker
+    down (plain SIG_IGN would make that hang at exit). Without ``sigwaitinfo`` (macOS) SIGTERM keeps its default.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # inherited by the watcher thread
+    threading.Thread(target=_exit_when_the_loader_terminates, args=(os.getppid(),), daemon=True,
+                     name="sigterm-watcher").start()
+
+
 def _loader_settings(workers: int, device: torch.device) -> dict[str, Any]:
     on_cuda = device.type == "cuda"
     return {
         "num_workers": workers,
+        "worker_init_fn": ignore_stop_signals if workers > 0 else None,
         "pin_memory": on_cuda,                 # page-locked batches make host->GPU copies asynchronous
         "persistent_workers": workers > 0,     # keep workers (and their copy of the RAM cache) across epochs
         "prefetch_factor": (4 if on_cuda else 2) if workers > 0 else None,
@@ -126,6 +157,7 @@ def _loader_settings(workers: int, device: torch.device) -> dict[str, Any]:
 def _case_item(case: Case, preprocessing: Preprocessing) -> dict[str, Any]:
     return {"image_path": case.image_path, "mask_path": case.mask_path or "", "ich": float(case.ich),
             "case_id": case.case_id, "spacing": case.spacing, "mask_axes": case.mask_axes,
+            "mask_flips": case.mask_flips,
             "cache_key": cache_key(case, preprocessing)}
 
 
@@ -181,6 +213,9 @@ def build_dataloaders(data_config: DataConfig, preprocessing: Preprocessing, coh
 
     shapes = [preprocessed_shape(cohort.case_stats[c.case_id]["shape"], c.spacing, preprocessing.target_spacing)
               for c in cohort.train + cohort.val if c.case_id in cohort.case_stats]
+    small = small_volume_warning(shapes, preprocessing.input_size, preprocessing.target_spacing)
+    if small is not None and rank == 0:
+        logger.warning("data: %s", small)
     largest = max((_volume_bytes(s) for s in shapes), default=0)
     workers = choose_num_workers(data_config, device, largest)
     in_memory = data_config.cache_in_memory

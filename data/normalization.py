@@ -21,10 +21,13 @@ Window = tuple[float, float]
 @dataclass(frozen=True)
 class Normalization:
     """``apply(array, window)``: D×H×W raw HU (any real dtype, not modified) -> D×H×W float32 network input.
-    ``tissue_std(window)``: one head-tissue standard deviation in the output's units."""
+    ``tissue_std(window)``: one head-tissue standard deviation in the output's units.
+    ``problem(array, window)``: why ``apply`` would refuse this volume, or None; cohort validation asks before any
+    model is built, so such a scan is reported with the other problems instead of failing while the cache fills."""
 
     apply: Callable[[np.ndarray, Window], np.ndarray]
     tissue_std: Callable[[Window], float]
+    problem: Callable[[np.ndarray, Window], str | None] = lambda array, window: None
 
 
 def clip_to_window(array: np.ndarray, window: Window) -> np.ndarray:
@@ -33,23 +36,39 @@ def clip_to_window(array: np.ndarray, window: Window) -> np.ndarray:
     return np.clip(array.astype(np.float32), low, high)
 
 
+def _head_problem(array: np.ndarray, window: Window, name: str) -> str | None:
+    """Why z-scoring over the voxels above ``window[0]`` (clipped to the window) is impossible: fewer than two such
+    voxels, or all of them equal after clipping. One pass over the volume and one over the head: cheap enough for
+    validation, which asks for every scan."""
+    low, high = window
+    inside = array > low
+    count = int(np.count_nonzero(inside))
+    if count < 2:
+        return (f"{name} normalisation needs voxels above {low:g} HU (the head); found {count}. The scan holds no "
+                "head tissue in raw HU: check the file (raw HU expected) or --hu_window")
+    values = array[inside]
+    if min(float(values.max()), high) <= float(values.min()):
+        return f"{name} normalisation: the {count} voxels above {low:g} HU are all equal after clipping to {high:g}"
+    return None
+
+
+def _zscore_over_head(array: np.ndarray, window: Window, name: str) -> np.ndarray:
+    """Clip to ``window``, then z-score with mean/std of the voxels above its floor (the head, not the air)."""
+    problem = _head_problem(array, window, name)
+    if problem is not None:
+        raise ValueError(problem)
+    volume = clip_to_window(array, window)
+    values = volume[volume > window[0]]
+    mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
+    volume -= mean
+    volume /= max(std, 1e-6)
+    return volume
+
+
 def _zscore_above_floor(array: np.ndarray, window: Window) -> np.ndarray:
     """Clip, then z-score with mean/std of the voxels above the window floor: the head, not the air around it
     (SAM-Med3D was pretrained on z-scored volumes)."""
-    low = window[0]
-    volume = clip_to_window(array, window)
-    inside = volume > low
-    count = int(np.count_nonzero(inside))
-    if count < 2:
-        raise ValueError(f"zscore normalisation needs voxels above the window floor {low:g} HU (the head); "
-                         f"found {count}")
-    values = volume[inside]
-    mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
-    if std < 1e-6:
-        raise ValueError(f"zscore normalisation: the {count} voxels above {low:g} HU are constant ({mean:g})")
-    volume -= mean
-    volume /= std
-    return volume
+    return _zscore_over_head(array, window, "zscore")
 
 
 # SAM-Med3D's pretraining: CT clamped to [-1000, 1000] HU, then z-scored over the voxels > 0 (torchio
@@ -60,19 +79,20 @@ SAM_MED3D_CLAMP: Window = (-1000.0, 1000.0)
 SAM_MED3D_TYPICAL_STD_HU = 360.0
 
 
+# The voxels sam_med3d z-scores over: above 0 HU, below the clamp's top (the run's --hu_window is not used).
+_SAM_MED3D_HEAD: Window = (0.0, SAM_MED3D_CLAMP[1])
+
+
 def _sam_med3d(array: np.ndarray, window: Window) -> np.ndarray:
     """Clamp to -1000..1000 HU and z-score over the voxels above 0 HU, as SAM-Med3D was pretrained."""
     volume = clip_to_window(array, SAM_MED3D_CLAMP)
-    inside = volume > 0
-    count = int(np.count_nonzero(inside))
-    if count < 2:
-        raise ValueError(f"sam_med3d normalisation needs voxels above 0 HU (the head); found {count}")
-    values = volume[inside]
+    problem = _head_problem(volume, _SAM_MED3D_HEAD, "sam_med3d")
+    if problem is not None:
+        raise ValueError(problem)
+    values = volume[volume > 0]
     mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
-    if std < 1e-6:
-        raise ValueError(f"sam_med3d normalisation: the {count} voxels above 0 HU are constant ({mean:g})")
     volume -= mean
-    volume /= std
+    volume /= max(std, 1e-6)
     return volume
 
 
@@ -86,10 +106,12 @@ def _minmax(array: np.ndarray, window: Window) -> np.ndarray:
 
 
 NORMALIZATIONS: dict[str, Normalization] = {
-    "zscore": Normalization(apply=_zscore_above_floor, tissue_std=lambda window: 1.0),
+    "zscore": Normalization(apply=_zscore_above_floor, tissue_std=lambda window: 1.0,
+                            problem=lambda array, window: _head_problem(array, window, "zscore")),
     "minmax": Normalization(apply=_minmax, tissue_std=lambda window: HEAD_TISSUE_STD_HU / (window[1] - window[0])),
     "none": Normalization(apply=clip_to_window, tissue_std=lambda window: HEAD_TISSUE_STD_HU),
-    "sam_med3d": Normalization(apply=_sam_med3d, tissue_std=lambda window: HEAD_TISSUE_STD_HU / SAM_MED3D_TYPICAL_STD_HU),
+    "sam_med3d": Normalization(apply=_sam_med3d, tissue_std=lambda window: HEAD_TISSUE_STD_HU / SAM_MED3D_TYPICAL_STD_HU,
+                               problem=lambda array, window: _head_problem(array, _SAM_MED3D_HEAD, "sam_med3d")),
 }
 
 

@@ -9,7 +9,8 @@ from typing import Any, Sequence
 
 @dataclass(frozen=True)
 class Problem:
-    """One validation finding: the file, the CSV row it came from (1-based, header not counted) and what is wrong."""
+    """One validation finding: the file, the CSV row it came from (its line in the file, header = line 1) and what
+    is wrong."""
 
     file: str
     message: str
@@ -37,8 +38,9 @@ class Case:
     The first seven fields are the shared contract; the rest are filled by ``validate_cohort`` from what it read,
     so that loading never has to re-derive them: ``spacing`` (mm, image axis order) and where it came from
     (``"image"`` = pkl dict / image header, ``"mask_header"``, ``"fallback"`` = DataConfig.spacing),
-    ``mask_axes`` (transpose applied to the mask so that its shape matches the image) and ``fingerprint``
-    (content hash of the image and mask bytes, part of the cache key).
+    ``mask_axes`` and ``mask_flips`` (the transpose, then the image axes to flip, that bring the mask into the
+    image's voxel grid: ``data.geometry.orient_mask``) and ``fingerprint`` (content hash of the image and mask
+    bytes, part of the cache key).
     """
 
     image_path: str
@@ -52,6 +54,7 @@ class Case:
     spacing_source: str | None = None
     mask_axes: tuple[int, int, int] = (0, 1, 2)
     fingerprint: str | None = None
+    mask_flips: tuple[int, int, int] = (0, 0, 0)
 
 
 @dataclass(frozen=True)

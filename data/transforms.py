@@ -38,6 +38,7 @@ from monai.transforms import (
     Transform,
 )
 
+from data.geometry import MaskOrientation, orient_mask
 from data.io import load_image_file, load_mask_file
 from data.preprocess import Preprocessing, pad_with_air, preprocess_image, resample_to_shape
 from data.records import Case
@@ -79,6 +80,8 @@ def cache_key(case: Case, preprocessing: Preprocessing) -> str:
         "mask_axes": list(case.mask_axes),
         **preprocessing.volume_settings(),
     }
+    if any(case.mask_flips):  # only when flipped, so the keys of every unflipped entry cached before stay valid
+        recipe["mask_flips"] = list(case.mask_flips)
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:40]
 
 
@@ -123,11 +126,11 @@ class LoadPreprocessd(Transform):
         volume, _ = load_image_file(item["image_path"])
         image = preprocess_image(volume, item["spacing"], self.preprocessing)
         if item["mask_path"]:
-            mask = load_mask_file(item["mask_path"]).transpose(item["mask_axes"])
+            orientation = MaskOrientation(tuple(item["mask_axes"]), tuple(item["mask_flips"]))
+            mask = orient_mask(load_mask_file(item["mask_path"]), orientation)
             if mask.shape != volume.shape:
-                raise ValueError(f"{item['mask_path']}: mask shape {mask.shape} (after transpose "
-                                 f"{item['mask_axes']}) differs from image shape {volume.shape}; the files changed "
-                                 "after validate_cohort")
+                raise ValueError(f"{item['mask_path']}: mask shape {mask.shape} (after {orientation.describe()}) "
+                                 f"differs from image shape {volume.shape}; the files changed after validate_cohort")
             label = resample_to_shape(mask[None], image.shape[1:], "nearest")
         else:  # ICH-negative scan without a mask file: an empty mask
             label = np.zeros(image.shape, dtype=np.uint8)

@@ -36,7 +36,8 @@ def test_every_flag_lands_in_its_field(cohort_files, tmp_path):
         "--scheduler_type", "cosine", "--hu_window", "-50", "150", "--target_spacing", "2", "2", "3",
         "--freeze_encoder", "--use_gradient_checkpointing", "--visual_tokens", "128", "--use_wandb",
         "--wandb_project", "p", "--wandb_entity", "e", "--log_images", "--log_freq", "2", "--num_workers", "1",
-        "--no-cache_in_memory", "--prompt_mode", "clicks", "--resume", "auto", "--seed", "7"])
+        "--no-cache_in_memory", "--prompt_mode", "clicks", "--resume", "auto", "--seed", "7",
+        "--allow_unusual_masks"])
     assert config.model.name == "tiny" and config.model.visual_tokens == 128
     assert config.model.freeze_encoder and config.model.use_gradient_checkpointing
     assert config.train.epochs == 3 and config.train.batch_size == 4 and config.train.lr == 3e-4
@@ -48,7 +49,8 @@ def test_every_flag_lands_in_its_field(cohort_files, tmp_path):
     assert config.train.prompt_mode == "clicks" and config.train.resume == "auto" and config.train.seed == 7
     assert config.model.pretrained_checkpoint == str(weights) and config.model.mask_refiner is False
     assert config.train.decoder_lr_scale == 0.5 and config.train.scratch_lr == 1e-3
-    assert config.data.normalization == "minmax"
+    assert config.data.normalization == "minmax" and config.data.allow_unusual_masks
+    assert build_config(cohort_files + ["--overwrite"])[0].train.overwrite
 
 
 def test_fine_tuning_defaults_follow_the_pretrained_weights(cohort_files, tmp_path):
@@ -114,6 +116,18 @@ def test_impossible_settings_are_all_reported_at_once(tmp_path):
                      "--scratch_lr must be > 0"):
         assert expected in problems
     assert len(caught.value.problems) >= 8
+
+
+def test_overwrite_and_resume_contradict_each_other(cohort_files):
+    with pytest.raises(ConfigError, match="--overwrite and --resume auto contradict each other"):
+        build_config(cohort_files + ["--overwrite", "--resume", "auto"])
+
+
+def test_configs_saved_before_the_new_settings_still_load():
+    raw = Config().to_dict()
+    del raw["train"]["overwrite"], raw["data"]["allow_unusual_masks"]
+    config = Config.from_dict(raw)
+    assert config.train.overwrite is False and config.data.allow_unusual_masks is False
 
 
 def test_unknown_choice_is_rejected_not_replaced(cohort_files, capsys):

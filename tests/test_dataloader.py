@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+import data.budget
+import data.cohort
 import data.loaders
 import data.transforms
 import dataloader as D
@@ -129,7 +131,7 @@ def test_valid_cohort_passes_and_fills_geometry(cohort_dir):
     assert first.mask_path == str(cohort_dir / "masks" / "001.nii.gz") and first.ich == 1
     assert negative.mask_path is None and negative.ich == 0
     assert first.spacing == SPACING and first.spacing_source == "image"
-    assert first.row == 1 and first.csv_path == str(cohort_dir / "train.csv")
+    assert first.row == 2 and first.csv_path == str(cohort_dir / "train.csv")
 
 
 def test_missing_image_file(cohort_dir):
@@ -137,7 +139,7 @@ def test_missing_image_file(cohort_dir):
                                        (cohort_dir / "images" / "077.pkl", 0, "P6")])
     problem = only_problem(config(cohort_dir))
     assert "077.pkl" in str(problem) and "file not found" in str(problem)
-    assert problem.row == 2 and "val.csv row 2" in str(problem)
+    assert problem.row == 3 and "val.csv row 3" in str(problem)
 
 
 def test_unreadable_pickle(cohort_dir):
@@ -159,7 +161,7 @@ def test_ich_must_be_0_or_1(cohort_dir, value):
     write_csv(cohort_dir / "val.csv", [(cohort_dir / "images" / "005.pkl", 1, "P4"),
                                        (cohort_dir / "images" / "006.pkl", value, "P5")])
     problem = only_problem(config(cohort_dir))
-    assert problem.file.endswith("006.pkl") and problem.row == 2
+    assert problem.file.endswith("006.pkl") and problem.row == 3
     assert f"ich must be 0 or 1, got {value!r}" in problem.message
 
 
@@ -169,7 +171,7 @@ def test_duplicate_rows_and_shared_file_numbers(cohort_dir):
     write_csv(cohort_dir / "train.csv", rows + [rows[1], (other, 0, "P9")])
     found = problems_of(config(cohort_dir))
     assert len(found) == 2
-    assert "duplicate row" in found[0].message and "train.csv row 2" in found[0].message and found[0].row == 5
+    assert "duplicate row" in found[0].message and "train.csv row 3" in found[0].message and found[0].row == 6
     assert "file number 3 is also used by" in found[1].message and found[1].file == str(other)
 
 
@@ -205,7 +207,7 @@ def test_mask_lookup_by_file_number_ignores_leading_zeros(tmp_path):
 def test_positive_without_mask_is_an_error_negative_without_mask_is_fine(cohort_dir):
     (cohort_dir / "masks" / "003.nii.gz").unlink()
     problem = only_problem(config(cohort_dir))
-    assert problem.file.endswith("003.pkl") and problem.row == 3
+    assert problem.file.endswith("003.pkl") and problem.row == 4
     assert "ICH-positive scan has no mask" in problem.message and "003.nii.gz" in problem.message
     # The negatives 002/004/006 have no mask file either and are not reported.
 
@@ -225,7 +227,7 @@ def test_patient_leakage_is_an_error_unless_allowed(cohort_dir):
     write_csv(cohort_dir / "val.csv", [(cohort_dir / "images" / "005.pkl", 1, "P2"),
                                        (cohort_dir / "images" / "006.pkl", 0, "P5")])
     problem = only_problem(config(cohort_dir))
-    assert problem.file.endswith("005.pkl") and "patient_id 'P2' is also in the train CSV (rows 3)" in problem.message
+    assert problem.file.endswith("005.pkl") and "patient_id 'P2' is also in the train CSV (rows 4)" in problem.message
     assert "allow_patient_overlap" in problem.message
     cohort = D.validate_cohort(config(cohort_dir, allow_patient_overlap=True))
     assert any("both train and val" in w and "P2" in w for w in cohort.warnings)
@@ -245,7 +247,7 @@ def test_multilabel_mask_is_an_error_listing_the_values(cohort_dir):
     labels = (np.arange(np.prod(SHAPE)) % 6).reshape(SHAPE).astype(np.uint8)
     write_mask(cohort_dir / "masks" / "003.nii.gz", labels)
     problem = only_problem(config(cohort_dir))
-    assert problem.file.endswith("003.nii.gz") and problem.row == 3
+    assert problem.file.endswith("003.nii.gz") and problem.row == 4
     assert "mask must be binary" in problem.message and "found values 0, 1, 2, 3, 4, 5" in problem.message
 
 
@@ -280,8 +282,8 @@ def test_every_problem_is_reported_at_once(cohort_dir):
     write_csv(cohort_dir / "val.csv", [(cohort_dir / "images" / "005.pkl", 1, "P4"),
                                        (cohort_dir / "images" / "006.pkl", 5, "P5")])
     found = problems_of(config(cohort_dir))
-    assert [(Path(p.csv).name, p.row) for p in found] == [("train.csv", 2), ("train.csv", 3), ("val.csv", 1),
-                                                          ("val.csv", 2)]
+    assert [(Path(p.csv).name, p.row) for p in found] == [("train.csv", 3), ("train.csv", 4), ("val.csv", 2),
+                                                          ("val.csv", 3)]
     assert ["not a readable pickle" in found[0].message, "no mask" in found[1].message,
             "mask must be binary" in found[2].message, "ich must be 0 or 1" in found[3].message] == [True] * 4
 
@@ -465,6 +467,205 @@ def test_find_mask_and_load_mask_file_for_single_scans(tmp_path):
         D.find_mask(tmp_path / "ct" / "012.pkl", tmp_path / "nowhere")
 
 
+# Issue 14, item 2: a mask whose header puts it elsewhere than its image (flipped, swapped, shifted) or that does not
+# lie on blood is caught before training; one that is merely stored in another orientation is brought into the
+# image's grid, and the cache serves it that way.
+
+IMAGE_AFFINE = np.array([[2.0, 0, 0, -20.0], [0, 2.0, 0, -30.0], [0, 0, 5.0, 10.0], [0, 0, 0, 1.0]])
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def off_centre_phantom(shape=(24, 20, 10)) -> tuple[np.ndarray, np.ndarray]:
+    """(image, mask) with the blood in one corner of the brain: any flip or swap of the mask moves it."""
+    image, _ = phantom(shape, blood=False)
+    mask = np.zeros(shape, dtype=np.uint8)
+    mask[3:8, 4:10, 3:6] = 1
+    image[mask > 0] = 70
+    return image, mask
+
+
+def nifti_case(tmp_path: Path, mask_data: np.ndarray, mask_affine: np.ndarray, shape=(24, 20, 10)
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """ICH-positive NIfTI scan 001 (IMAGE_AFFINE; blood as in ``off_centre_phantom``) with the given mask file; a
+    negative pkl scan in val. Returns the (image, true mask) in the image's grid."""
+    image, truth = off_centre_phantom(shape)
+    write_nifti(tmp_path / "ct" / "001.nii.gz", image, IMAGE_AFFINE)
+    write_nifti(tmp_path / "masks" / "001.nii.gz", mask_data, mask_affine)
+    write_csv(tmp_path / "train.csv", [(tmp_path / "ct" / "001.nii.gz", 1, "P1")])
+    write_csv(tmp_path / "val.csv", [(write_pkl(tmp_path / "ct" / "002.pkl", {"image": image, "spacing": SPACING}),
+                                      0, "P2")])
+    return image, truth
+
+
+def served_label(data_config: DataConfig, cohort: D.Cohort) -> np.ndarray:
+    """The label the (uncached, then cached) loader serves for the first training case, at 3 mm."""
+    _, val_loader = loaders(data_config, D.Cohort(train=cohort.train, val=cohort.train, warnings=[]), 16, 1, seed=0)
+    return next(iter(val_loader))["label"][0, 0].numpy()
+
+
+def test_mask_flipped_in_its_affine_is_brought_into_the_image_grid(tmp_path):
+    flipped_affine = IMAGE_AFFINE.copy()
+    flipped_affine[:3, 0] *= -1
+    flipped_affine[:3, 3] = IMAGE_AFFINE[:3, 3] + IMAGE_AFFINE[:3, 0] * 23   # voxel 0 of the mask is voxel 23
+    image, truth = nifti_case(tmp_path, np.ascontiguousarray(off_centre_phantom()[1][::-1]), flipped_affine)
+    cohort = D.validate_cohort(config(tmp_path))
+    case = cohort.train[0]
+    assert (case.mask_axes, case.mask_flips) == ((0, 1, 2), (1, 0, 0))
+    [warning] = [w for w in cohort.warnings if "orientation" in w]
+    assert "001.nii.gz" in warning and "flipped image axis 0" in warning
+    expected = D.resample_to_shape(truth[None], served_label(config(tmp_path), cohort).shape, "nearest")[0]
+    np.testing.assert_array_equal(served_label(config(tmp_path), cohort), expected)
+
+
+def test_equal_size_axes_swapped_in_the_affine_are_caught(tmp_path):
+    truth = off_centre_phantom((20, 20, 10))[1]
+    swapped_affine = IMAGE_AFFINE[:, [1, 0, 2, 3]]
+    nifti_case(tmp_path, np.ascontiguousarray(truth.transpose(1, 0, 2)), swapped_affine, shape=(20, 20, 10))
+    cohort = D.validate_cohort(config(tmp_path))
+    assert cohort.train[0].mask_axes == (1, 0, 2)
+    assert any("orientation" in w and "axes (1, 0, 2)" in w for w in cohort.warnings)
+    label = served_label(config(tmp_path), cohort)
+    np.testing.assert_array_equal(label, D.resample_to_shape(truth[None], label.shape, "nearest")[0])
+
+
+@pytest.mark.parametrize("change, message", [
+    ("shift", "is shifted by (30.00, 0.00, 0.00) mm (30.0 mm)"),
+    ("spacing", "voxel size (2.40, 2.00, 5.00) mm differs from the image's (2.00, 2.00, 5.00) mm"),
+])
+def test_mask_off_the_image_grid_is_an_error_unless_allowed(tmp_path, change, message):
+    affine = IMAGE_AFFINE.copy()
+    if change == "shift":
+        affine[0, 3] += 30.0
+    else:
+        affine[0, 0] = 2.4
+    nifti_case(tmp_path, off_centre_phantom()[1], affine)
+    problem = only_problem(config(tmp_path))
+    assert problem.file.endswith("001.nii.gz") and problem.row == 2
+    assert message in problem.message and "--allow_unusual_masks" in problem.message
+    cohort = D.validate_cohort(config(tmp_path, allow_unusual_masks=True))
+    assert any(message in w and "voxel for voxel" in w for w in cohort.warnings)
+
+
+@pytest.mark.parametrize("place, message", [
+    ("air", "% of its voxels are air (< -200 HU), i.e. outside the head"),
+    ("bone", "% of its voxels are bone (> 300 HU)"),
+    ("brain", "its median is 20 HU where blood is 30-100 HU"),
+])
+def test_mask_that_does_not_lie_on_blood_is_an_error_unless_allowed(cohort_dir, place, message):
+    # A pkl image carries no affine, so nothing but its HU can tell a mask of another scan or orientation.
+    image, mask = phantom(seed=1)
+    moved = np.zeros_like(mask)
+    if place == "air":
+        moved[0:2, 0:6, 0:3] = 1
+    elif place == "bone":
+        image[2:4, 2:8, 2:5] = 1500
+        moved[2:4, 2:8, 2:5] = 1
+    else:
+        image = np.where(mask > 0, 20, image).astype(image.dtype)  # the labelled box holds no blood
+        moved = mask
+    write_pkl(cohort_dir / "images" / "001.pkl", {"image": image, "spacing": SPACING})
+    write_mask(cohort_dir / "masks" / "001.nii.gz", moved)
+    problem = only_problem(config(cohort_dir))
+    assert problem.file.endswith("001.nii.gz") and problem.row == 2
+    assert message in problem.message and "--allow_unusual_masks" in problem.message
+    warnings = D.validate_cohort(config(cohort_dir, allow_unusual_masks=True)).warnings
+    assert any("001.nii.gz" in w and "does not lie on blood" in w for w in warnings)
+
+
+def test_nifti_image_stored_with_a_trailing_singleton_axis_is_accepted(tmp_path):
+    image = phantom(dtype=np.float32)[0]
+    write_nifti(tmp_path / "a.nii.gz", image[..., None], np.diag([*SPACING, 1.0]))
+    volume, meta = D.load_image_file(tmp_path / "a.nii.gz")
+    np.testing.assert_array_equal(volume, image)
+    assert meta["spacing"] == SPACING
+
+
+def test_torch_tensor_saved_as_pkl_is_refused_to_unpickle(tmp_path):
+    tensor = torch.from_numpy(phantom(dtype=np.float32)[0])
+    zipped, legacy = tmp_path / "zip.pkl", tmp_path / "legacy.pkl"
+    torch.save(tensor, zipped)
+    torch.save(tensor, legacy, _use_new_zipfile_serialization=False)
+    for path in (zipped, legacy):
+        with pytest.raises(D.UnsafePickleError, match="refused to unpickle: .*torch.save file"):
+            D.load_image_file(path)
+
+
+def test_scan_without_head_voxels_is_a_validation_error(cohort_dir):
+    # Nothing above the -100 HU window floor: the zscore normalisation has no head to take statistics from.
+    air = np.full(SHAPE, -1000, dtype=np.int16)
+    air[5:10, 5:10, 2:4] = -600
+    write_pkl(cohort_dir / "images" / "004.pkl", {"image": air, "spacing": SPACING})
+    problem = only_problem(config(cohort_dir))
+    assert problem.file.endswith("004.pkl") and problem.row == 5
+    assert "needs voxels above -100 HU (the head); found 0" in problem.message
+
+
+def test_csv_rows_are_the_lines_editors_show(cohort_dir):
+    (cohort_dir / "val.csv").write_text(f"path,ich,patient_id\n{cohort_dir / 'images' / '005.pkl'},1,P4\n\n"
+                                        f"{cohort_dir / 'images' / '006.pkl'},7,P5\n")
+    problem = only_problem(config(cohort_dir))
+    assert problem.row == 4 and "val.csv row 4" in str(problem)   # line 3 is blank, line 1 the header
+
+
+def test_data_warnings_are_returned_not_logged(cohort_dir, caplog):
+    # train.py logs Cohort.warnings once (rank 0); validate_cohort logging them too printed each twice.
+    write_mask(cohort_dir / "masks" / "001.nii.gz", phantom(seed=1)[1] * 255)
+    cohort = D.validate_cohort(config(cohort_dir))
+    assert any("0/255" in w for w in cohort.warnings) and "0/255" not in caplog.text
+
+
+# Issue 14, item 10: sizes before work.
+
+def test_settings_that_cannot_fit_are_refused_with_the_numbers(tmp_path, monkeypatch):
+    image, mask = phantom((64, 64, 16))
+    write_pkl(tmp_path / "images" / "001.pkl", {"image": image, "spacing": (1.5, 1.5, 4.0)})
+    write_mask(tmp_path / "masks" / "001.nii.gz", mask, (1.5, 1.5, 4.0))
+    write_csv(tmp_path / "train.csv", [(tmp_path / "images" / "001.pkl", 1, "P1")])
+    write_csv(tmp_path / "val.csv", [(add_scan(tmp_path, "002", False), 0, "P2")])
+    monkeypatch.setattr(data.budget, "available_memory_bytes", lambda: 8 * 2**30)
+    problem = only_problem(config(tmp_path, target_spacing=(0.1, 0.1, 0.1)))
+    assert problem.file.endswith("001.pkl") and "becomes 960×960×640 voxels (2.7 GB cached)" in problem.message
+    assert "8.0 GB is available" in problem.message and "coarser --target_spacing" in problem.message
+
+    monkeypatch.setattr(data.budget, "free_disk_bytes", lambda folder: 0)
+    [problem] = problems_of(config(tmp_path))
+    assert problem.file == str(tmp_path / "cache") and "the preprocessed cache needs about" in problem.message
+    assert "has 0 MB free" in problem.message
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".nii.gz"])
+def test_huge_files_are_sized_from_their_headers_not_read(tmp_path, monkeypatch, suffix):
+    image = phantom((64, 64, 32), dtype=np.float32)[0]
+    path = tmp_path / "images" / f"001{suffix}"
+    path.parent.mkdir(parents=True)
+    if suffix == ".npy":
+        np.save(path, image)
+    else:
+        write_nifti(path, image, np.diag([*SPACING, 1.0]))
+    write_csv(tmp_path / "train.csv", [(path, 0, "P1")])
+    write_csv(tmp_path / "val.csv", [(add_scan(tmp_path, "002", False), 0, "P2")])
+    monkeypatch.setattr(data.budget, "available_memory_bytes", lambda: 2**20)
+    reads = []
+    real_read = data.cohort.read_image
+    monkeypatch.setattr(data.cohort, "read_image", lambda p, **kw: reads.append(p) or real_read(p, **kw))
+    found = problems_of(config(tmp_path))
+    mine = [p for p in found if p.file == str(path)]
+    assert mine and "a 64×64×32 array of" in mine[0].message and "1 MB is available" in mine[0].message
+    assert path not in reads
+
+
+def test_volumes_far_smaller_than_the_model_input_are_warned(cohort_dir, caplog):
+    data_config = config(cohort_dir, target_spacing=(20.0, 20.0, 20.0))
+    cohort = D.validate_cohort(data_config)
+    loaders(data_config, cohort, 64, 2, seed=0)
+    assert "preprocessed volumes are tiny (typically 2×2×3 voxels) next to the model's 64³ input" in caplog.text
+
+
 def test_matching_axes():
     assert D.matching_axes((30, 512, 512), (512, 512, 30)) == (2, 0, 1)
     assert D.matching_axes((512, 30, 400), (400, 512, 30)) == (1, 2, 0)
@@ -541,7 +742,8 @@ def test_cache_key_changes_with_every_setting_that_shapes_the_volume():
     assert set(changed) | {"input_size"} == {f.name for f in dataclasses.fields(D.Preprocessing)}
     for field, value in changed.items():
         assert D.cache_key(case, dataclasses.replace(base, **{field: value})) != key, field
-    for field, value in {"spacing": (1.0, 1.0, 2.5), "fingerprint": "e" * 32, "mask_axes": (2, 0, 1)}.items():
+    for field, value in {"spacing": (1.0, 1.0, 2.5), "fingerprint": "e" * 32, "mask_axes": (2, 0, 1),
+                         "mask_flips": (1, 0, 0)}.items():
         assert D.cache_key(dataclasses.replace(case, **{field: value}), base) != key, field
     # The crop size only sizes crops taken from the cached volume: a tiny and a turbo run share the entry.
     assert D.cache_key(case, dataclasses.replace(base, input_size=64)) == key

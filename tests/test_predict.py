@@ -179,3 +179,61 @@ def test_predict_reads_exactly_what_training_reads(trained_run, tmp_path):
                          str(folder), "--output_dir", str(out), "--spacing", "1.2", "1.2", "4"]) == 0
     assert [r["file"] for r in read_csv(out / "predictions.csv")] == ["777.pickle"]
     assert nib.load(str(out / "777.nii.gz")).shape == load_image_file(scan)[0].shape
+
+
+# Issue 14: predict warns, aligns and reports like training, in one line per problem.
+
+def test_scan_that_is_not_raw_hu_is_warned(trained_run, tmp_path, caplog):
+    row = next(r for r in read_csv(trained_run["cohort"].val_csv) if r["ich"] == "1")
+    image, meta = load_image_file(row["path"])
+    scan = tmp_path / "scans" / "321.pkl"   # stored as 0..4095 pixel values, the rescale intercept forgotten
+    scan.parent.mkdir()
+    scan.write_bytes(pickle.dumps({"image": np.clip(image + 1024, 0, 4095).astype(np.uint16),
+                                   "spacing": meta["spacing"] or (1.2, 1.2, 4.0)}))
+    assert predict.main(["--checkpoint", str(trained_run["output_dir"] / "best_model.pth"), "--input", str(scan),
+                         "--output_dir", str(tmp_path / "out")]) == 0
+    [warning] = [r.getMessage() for r in caplog.records if "expected raw HU" in r.getMessage()]
+    assert warning.startswith(f"{scan}: ") and "no voxel below -500 HU" in warning and "unreliable" in warning
+
+
+def test_failures_name_the_file_once(trained_run, tmp_path, caplog):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "999.pkl").write_bytes(b"this is not a pickle")
+    assert predict.main(["--checkpoint", str(trained_run["output_dir"] / "best_model.pth"), "--input",
+                         str(folder), "--output_dir", str(tmp_path / "out")]) == 1
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert lines and all(line.count("999.pkl") == 1 for line in lines), lines
+
+
+def test_evaluation_mask_off_the_image_grid_is_refused(trained_run, tmp_path, caplog):
+    row = next(r for r in read_csv(trained_run["cohort"].val_csv) if r["ich"] == "1")
+    image, meta = load_image_file(row["path"])
+    truth = load_mask_file(find_mask(row["path"], trained_run["cohort"].mask_dir), image.shape)
+    affine = np.diag([1.2, 1.2, 4.0, 1.0])
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "555.nii.gz")
+    shifted = affine.copy()
+    shifted[1, 3] += 30.0
+    (tmp_path / "masks").mkdir()
+    nib.save(nib.Nifti1Image(truth, shifted), tmp_path / "masks" / "555.nii.gz")
+    assert predict.main(["--checkpoint", str(trained_run["output_dir"] / "best_model.pth"), "--input",
+                         str(tmp_path / "555.nii.gz"), "--mask_dir", str(tmp_path / "masks"), "--output_dir",
+                         str(tmp_path / "out"), "--simulate_clicks"]) == 1
+    assert "is shifted by (0.00, 30.00, 0.00) mm" in caplog.text
+
+
+def test_negative_click_coordinates_get_a_clear_message(tmp_path, caplog):
+    code = predict.main(["--checkpoint", str(tmp_path / "any.pth"), "--input", str(tmp_path / "049.pkl"),
+                         "--points", "-5,3,2", "--output_dir", str(tmp_path / "out")])
+    assert code == 2 and "--points: '-5,3,2' has a negative coordinate" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["file", "under_file"])
+def test_unusable_output_dir_is_one_line(tmp_path, caplog, case):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    target = blocker if case == "file" else blocker / "out"
+    assert predict.main(["--checkpoint", str(tmp_path / "any.pth"), "--input", str(tmp_path),
+                         "--output_dir", str(target)]) == 2
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert line.startswith(f"--output_dir {target} ") and "is a file" in line

@@ -4,8 +4,15 @@ The end-to-end learning check of the CLI lives in test_end_to_end.py; here each 
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +22,8 @@ import train
 from config import build_config
 from model import build_model
 from trainer import LATEST_NAME, NonFiniteLossError, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +242,169 @@ def test_bad_cohort_exits_1_naming_the_file(tmp_path, caplog):
                        "--output_dir", str(tmp_path / "out"), "--model", "tiny", "--allow_patient_overlap"])
     assert code == 1
     assert "missing_049.pkl" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 14: nothing lost, nothing silently wrong; one line, never a traceback.
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(small_cohort, tmp_path_factory):
+    """A one-epoch run; the tests below only try to start runs on top of it (refused before any write)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert train.main(cli_args(small_cohort, out, "--epochs", "1")) == 0
+    return out
+
+
+def error_lines(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+
+
+def test_rerun_without_resume_refuses_to_overwrite_a_finished_run(small_cohort, finished_run, tmp_path, caplog):
+    before = {name: (finished_run / name).read_bytes() for name in ("best_model.pth", "metrics.csv")}
+    assert train.main(cli_args(small_cohort, finished_run, "--epochs", "1")) == 2
+    [line] = error_lines(caplog)
+    assert f"--output_dir {finished_run} already holds a training run (latest_model.pth" in line
+    assert "--resume auto" in line and "--overwrite" in line
+    assert {name: (finished_run / name).read_bytes() for name in before} == before
+
+    # --overwrite replaces it, leaving nothing of the old run behind (no stale epoch snapshot, no old best).
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    (copy / "checkpoint_epoch_0009.pth").write_bytes(b"old")
+    caplog.clear()
+    assert train.main(cli_args(small_cohort, copy, "--epochs", "1", "--overwrite")) == 0
+    assert "removed the previous run's" in caplog.text and not (copy / "checkpoint_epoch_0009.pth").exists()
+
+
+@pytest.mark.parametrize("flags, named", [
+    (("--target_spacing", "2", "2", "2"), "--target_spacing 3 3 3 (this run: 2 2 2)"),
+    (("--hu_window", "-50", "150"), "--hu_window -100 200 (this run: -50 150)"),
+    (("--normalization", "minmax"), "--normalization zscore (this run: minmax)"),
+    (("--visual_tokens", "128"), "--visual_tokens 256 (this run: 128)"),
+    (("--no-mask_refiner",), "--mask_refiner on (this run: off)"),
+    (("--model", "sam_med3d_turbo", "--pretrained_checkpoint", "none"), "--model tiny (this run: sam_med3d_turbo)"),
+    (("--freeze_encoder", "--pretrained_checkpoint", "BEST"), "--freeze_encoder off (this run: on)"),
+])
+def test_resume_with_other_settings_is_refused_naming_them(small_cohort, finished_run, caplog, flags, named):
+    flags = tuple(str(finished_run / "best_model.pth") if f == "BEST" else f for f in flags)
+    assert train.main(cli_args(small_cohort, finished_run, "--epochs", "2", "--resume", "auto", *flags)) == 2
+    [line] = error_lines(caplog)
+    assert line.startswith(f"--resume {finished_run / LATEST_NAME} was trained with other settings: ")
+    assert named in line and "\n" not in line
+
+
+def test_resume_from_the_encoder_export_is_refused(small_cohort, finished_run, caplog):
+    encoder = finished_run / "sam_encoder.pth"
+    assert train.main(cli_args(small_cohort, finished_run, "--epochs", "2", "--resume", str(encoder))) == 2
+    [line] = error_lines(caplog)
+    assert "sam_encoder.pth is the encoder export for BLIP-2" in line and "latest_model.pth" in line
+
+
+def test_resume_checks_the_optimizer_parameter_groups(tmp_path):
+    import guards
+
+    trainer = make_trainer(tmp_path, fixed_batches(1, 1))
+    saved = trainer.optimizer.state_dict()
+    guards.check_parameter_groups(saved, trainer.optimizer, tmp_path / LATEST_NAME)  # the same groups pass
+    saved["param_groups"] = saved["param_groups"][1:]   # e.g. saved with --freeze_encoder: no encoder group
+    with pytest.raises(guards.ResumeMismatchError, match=r"parameter groups differ \(checkpoint: decoder \d+ "
+                                                         r"tensors, scratch \d+ tensors; this run: encoder"):
+        guards.check_parameter_groups(saved, trainer.optimizer, tmp_path / LATEST_NAME)
+
+
+@pytest.mark.parametrize("case", ["file", "under_file", "read_only", "not_creatable", "cache_is_file"])
+def test_unusable_output_or_cache_dir_is_one_line_before_any_work(small_cohort, tmp_path, monkeypatch, caplog,
+                                                                 case):
+    import guards
+
+    target, extra = tmp_path / "out", ()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    if case == "file":
+        target = blocker
+    elif case == "under_file":
+        target = blocker / "out"
+    elif case == "cache_is_file":
+        extra = ("--cache_dir", str(blocker))
+    elif case == "read_only":
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system")
+        monkeypatch.setattr(guards.tempfile, "TemporaryFile", read_only)
+    else:
+        def denied(self, *args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        monkeypatch.setattr(guards.Path, "mkdir", denied)
+    monkeypatch.setattr(train.dataloader, "validate_cohort", lambda *a: pytest.fail("data work before the check"))
+    assert train.main(cli_args(small_cohort, target, "--epochs", "1", *extra)) == 2
+    [line] = error_lines(caplog)
+    flag, path = ("--cache_dir", blocker) if case == "cache_is_file" else ("--output_dir", target)
+    assert line.startswith(f"{flag} {path} ")
+    assert {"file": "is a file, not a folder", "under_file": f"{blocker} is a file",
+            "read_only": "is not writable (Read-only file system)",
+            "not_creatable": "cannot be created (Permission denied)",
+            "cache_is_file": "is a file, not a folder"}[case] in line
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_says_what_to_free(small_cohort, tmp_path,
+                                                                                    monkeypatch, caplog):
+    out = tmp_path / "run"
+    real_save = torch.save
+
+    def save_until_the_disk_fills(obj, handle, *args, **kwargs):
+        # The first save after epoch 2 is latest_model.pth; torch reports the failed write with the OSError as
+        # the context of its own RuntimeError.
+        if isinstance(obj, dict) and obj.get("epoch") == 2:
+            handle.write(b"partial")
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+        return real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    assert train.main(cli_args(small_cohort, out, "--epochs", "2")) == 1
+    [line] = error_lines(caplog)
+    assert line.startswith(f"disk full while writing {out / LATEST_NAME}: free ") and " on /" in line
+    assert "still holds its previous content" in line and "--resume auto" in line
+    monkeypatch.setattr(torch, "save", real_save)
+    assert final_weights(out)["epoch"] == 1   # epoch 1's checkpoint, intact
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_offline_turbo_weights_end_the_run_before_data_validation(small_cohort, tmp_path, monkeypatch, caplog):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(train.dataloader, "validate_cohort", lambda *a: pytest.fail("data work before the check"))
+    args = cli_args(small_cohort, tmp_path / "out", "--model", "sam_med3d_turbo", "--pretrained_checkpoint", "turbo")
+    assert train.main(args) == 2
+    [line] = error_lines(caplog)
+    assert line.startswith("cannot fetch pretrained checkpoint 'turbo'") and "local path" in line
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_whole_process_group_saves_and_exits_130(small_cohort, tmp_path, stop):
+    # What timeout, systemd, SLURM (SIGTERM) and a terminal's Ctrl-C (SIGINT) do: signal every process of the job,
+    # DataLoader workers included.
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py"),
+               *cli_args(small_cohort, out, "--epochs", "50", "--num_workers", "1")]
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 300
+        log = out / "train.log"
+        while not (log.exists() and "epoch 1/50" in log.read_text()):   # an epoch done: workers are running
+            assert process.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.5)
+        os.killpg(process.pid, stop)
+        output = process.communicate(timeout=240)[0].decode()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "killed by signal" not in output
+    log = (out / "train.log").read_text()
+    assert log.count(f"received {stop.name}") == 1
+    assert final_weights(out)["epoch"] >= 1

@@ -2,6 +2,7 @@
 logging."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import random
@@ -127,6 +128,40 @@ def test_atomic_torch_save_crash_keeps_previous_file(tmp_path, monkeypatch, erro
 
     old = torch.load(path, weights_only=True)
     assert old["epoch"] == 7 and torch.equal(old["w"], torch.arange(5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest_model.pth"]
+
+
+def _disk_full_direct():
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _disk_full_inside_torch():
+    # What torch.save does when a write fails: its own RuntimeError, the OSError only as the context.
+    try:
+        _disk_full_direct()
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+
+@pytest.mark.parametrize("fail", [_disk_full_direct, _disk_full_inside_torch])
+def test_disk_full_is_one_line_saying_what_to_free_and_keeps_the_previous_file(tmp_path, monkeypatch, fail):
+    path = tmp_path / "latest_model.pth"
+    utils.atomic_torch_save({"epoch": 7, "w": torch.zeros(2**18)}, path)   # 1 MB of tensors
+
+    def full_disk(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04 half a checkpoint")
+        fail()
+
+    monkeypatch.setattr(utils.torch, "save", full_disk)
+    with pytest.raises(utils.DiskFullError) as info:
+        utils.atomic_torch_save({"epoch": 8, "w": torch.zeros(2**18)}, path)
+    monkeypatch.undo()
+    message = str(info.value)
+    assert "\n" not in message and info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
+    assert message.startswith(f"disk full while writing {path}: free ")
+    assert f" on {utils.mount_point(path)} (the file takes about 1 MB" in message
+    assert "latest_model.pth still holds its previous content" in message
+    assert torch.load(path, weights_only=True)["epoch"] == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest_model.pth"]
 
 
