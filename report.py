@@ -72,7 +72,10 @@ def _metric_lines(clicks: Sequence[int]) -> list[tuple[str, str, str]]:
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
 
 
 def _interval(bounds: tuple[float, float], digits: int = 3) -> str:

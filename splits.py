@@ -39,7 +39,8 @@ import reporting
 import utils
 from config import DataConfig
 from data.cohort import REQUIRED_COLUMNS, ScanRow, read_scan_csv
-from data.io import MaskIndex, VolumeLoadError, in_image_axes, load_image_file, matching_axes, read_mask, resolve_spacing
+from data.io import (MaskIndex, VolumeLoadError, in_image_axes, load_image_file, matching_axes, read_mask,
+                     resolve_spacing)
 from data.records import Problem
 
 logger = logging.getLogger("ichseg.splits")

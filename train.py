@@ -3,7 +3,7 @@
     python train.py --train_csv train.csv --val_csv val.csv --mask_dir masks --output_dir out \\
         --pretrained_checkpoint sam_med3d_turbo.pth
     python train.py --test          # self-check on a generated synthetic cohort (tiny model, < 3 min on CPU)
-    python train.py --folds_dir splits --mask_dir masks --output_dir out --fold all   # cross-validation
+    python train.py --folds_dir splits --mask_dir masks --output_dir out --fold all  # cross-validation
     torchrun --nproc_per_node 2 train.py ...   # several GPUs (or CPU processes with gloo)
 
 ``main`` reads as the whole program: parse → validate → system checks → data validation → build model → fit →
