@@ -79,8 +79,9 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def _interval(bounds: tuple[float, float], digits: int = 3) -> str:
-    return "n/a" if not all(math.isfinite(b) for b in bounds) else \
-        f"{bounds[0]:.{digits}f} – {bounds[1]:.{digits}f}"
+    if not all(math.isfinite(b) for b in bounds):
+        return "n/a"
+    return f"{_fmt(bounds[0], digits)} – {_fmt(bounds[1], digits)}"
 
 
 def build_report(rows: Rows, detection_threshold_ml: float, clicks: Sequence[int] = ()) -> dict[str, Any]:
