@@ -62,6 +62,9 @@ class DataConfig:
 
     train_csv: str | None = _flag("CSV with columns path,ich,patient_id for training scans.", default=None)
     val_csv: str | None = _flag("CSV with columns path,ich,patient_id for validation scans.", default=None)
+    folds_dir: str | None = _flag(
+        "Cross-validation: the folder splits.py wrote (fold_<k>/train.csv, fold_<k>/val.csv); replaces --train_csv "
+        "and --val_csv, and each fold trains into <output_dir>/fold_<k>.", default=None)
     mask_dir: str | None = _flag("Folder of binary NIfTI masks named after the image file number (049.pkl -> 049.nii).",
                                  default=None)
     cache_dir: str | None = _flag("Folder for preprocessed volumes (default: <output_dir>/cache).", default=None)
@@ -156,6 +159,8 @@ class TrainConfig:
     keep_checkpoints: int = _flag("Number of epoch snapshots to keep when --save_every is set.", default=3)
     max_nonfinite_steps: int = _flag("Abort after this many consecutive non-finite losses.", default=5)
     compile: bool = _flag("Wrap the model in torch.compile (GPU).", default=False)
+    fold: str = _flag("With --folds_dir: the fold to train (0, 1, ...) or 'all', one after the other.",
+                      default="all")
 
 
 @dataclass(frozen=True)
@@ -235,7 +240,10 @@ class Config:
         d, m, t, lg = self.data, self.model, self.train, self.log
 
         if not self.test:
-            for name, value in (("train_csv", d.train_csv), ("val_csv", d.val_csv), ("mask_dir", d.mask_dir)):
+            # With --folds_dir each fold's train/val CSVs come from the splits (crossval.fold_config).
+            required = {"mask_dir": d.mask_dir} if d.folds_dir else {"train_csv": d.train_csv,
+                                                                    "val_csv": d.val_csv, "mask_dir": d.mask_dir}
+            for name, value in required.items():
                 if value is None:
                     problems.append(f"--{name} is required (or use --test for the synthetic self-check)")
             for name, path in (("train_csv", d.train_csv), ("val_csv", d.val_csv)):
@@ -284,6 +292,7 @@ class Config:
             problems.append("--normalization auto must be resolved first (Config.resolve_defaults)")
         if t.overwrite and t.resume is not None:
             problems.append(f"--overwrite and --resume {t.resume} contradict each other: resume the run or replace it")
+        problems += _fold_problems(d, t)
         if t.resume not in (None, "auto") and not Path(t.resume).is_file():
             problems.append(f"--resume {t.resume}: file not found (pass a checkpoint path or 'auto')")
         if problems:
@@ -311,6 +320,24 @@ class Config:
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+
+
+def _fold_problems(d: DataConfig, t: TrainConfig) -> list[str]:
+    """Cross-validation flags that cannot work together (which folds exist is checked by crossval)."""
+    if d.folds_dir is None:
+        return [] if t.fold == "all" else [f"--fold {t.fold} needs --folds_dir (the folder splits.py wrote)"]
+    problems = []
+    if not Path(d.folds_dir).is_dir():
+        problems.append(f"--folds_dir {d.folds_dir}: folder not found (write it with splits.py)")
+    for name, value in (("train_csv", d.train_csv), ("val_csv", d.val_csv)):
+        if value is not None:
+            problems.append(f"--{name} and --folds_dir exclude each other: each fold's CSVs come from --folds_dir")
+    if t.fold != "all" and not t.fold.isdigit():
+        problems.append(f"--fold must be 'all' or a fold number (0, 1, ...), got {t.fold!r}")
+    if t.resume not in (None, "auto"):
+        problems.append(f"--resume {t.resume}: with --folds_dir use --resume auto (each fold resumes from its "
+                        "own latest_model.pth)")
+    return problems
 
 
 @dataclass(frozen=True)

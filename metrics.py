@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -100,3 +100,63 @@ def summarize(rows: Sequence[dict[str, float]],
         "sensitivity": float(np.mean(detected)) if detected else math.nan,
         "specificity": float(np.mean(cleared)) if cleared else math.nan,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cohort statistics for a report: confidence intervals and volume agreement
+# ---------------------------------------------------------------------------------------------------------------
+
+def bootstrap_ci(rows: Sequence[dict[str, float]], statistic: Callable[[Sequence[dict[str, float]]], dict[str, float]],
+                 resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap confidence intervals of every value ``statistic(rows)`` returns (e.g. ``summarize``).
+
+    Scans are resampled with replacement ``resamples`` times; a resample where a value is undefined (NaN, e.g. no
+    positive scan drawn for sensitivity) is left out of that value's interval. Deterministic for a ``seed``.
+    Returns {key: (low, high)}, NaN bounds where no resample defined the value.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if not rows:
+        raise ValueError("bootstrap_ci needs at least one row")
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(resamples):
+        sample = [rows[i] for i in rng.integers(0, len(rows), size=len(rows))]
+        for key, value in statistic(sample).items():
+            draws.setdefault(key, []).append(value)
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    intervals = {}
+    for key, values in draws.items():
+        finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+        intervals[key] = ((float(np.percentile(finite, tail)), float(np.percentile(finite, 100.0 - tail)))
+                          if finite.size else (math.nan, math.nan))
+    return intervals
+
+
+def icc_2_1(*measurements: Sequence[float]) -> float:
+    """ICC(2,1) of two or more measurements of the same subjects (Shrout & Fleiss 1979: two-way random effects,
+    absolute agreement, single measurement), e.g. predicted and true hematoma volume; NaN for fewer than two
+    subjects."""
+    if len(measurements) < 2:
+        raise ValueError(f"ICC needs at least two measurements per subject, got {len(measurements)}")
+    ratings = np.column_stack([np.asarray(m, dtype=float) for m in measurements])
+    n, k = ratings.shape
+    if n < 2:
+        return math.nan
+    grand = ratings.mean()
+    between_subjects = k * np.sum((ratings.mean(axis=1) - grand) ** 2) / (n - 1)
+    between_raters = n * np.sum((ratings.mean(axis=0) - grand) ** 2) / (k - 1)
+    residual = (np.sum((ratings - grand) ** 2) - between_subjects * (n - 1) - between_raters * (k - 1)) / (
+        (n - 1) * (k - 1))
+    denominator = between_subjects + (k - 1) * residual + k * (between_raters - residual) / n
+    return float((between_subjects - residual) / denominator) if denominator > 0 else math.nan
+
+
+def bland_altman(true: Sequence[float], predicted: Sequence[float]) -> dict[str, float]:
+    """Bias (mean of predicted − true) and 95% limits of agreement (bias ± 1.96 sample SD; SD 0 for one pair)."""
+    difference = np.asarray(predicted, dtype=float) - np.asarray(true, dtype=float)
+    if difference.size == 0:
+        return {"bias": math.nan, "loa_low": math.nan, "loa_high": math.nan}
+    bias = float(difference.mean())
+    spread = float(difference.std(ddof=1)) if difference.size > 1 else 0.0
+    return {"bias": bias, "loa_low": bias - 1.96 * spread, "loa_high": bias + 1.96 * spread}

@@ -4,6 +4,7 @@
     python predict.py --checkpoint outputs/best_model.pth --input val.csv --mask_dir masks --output_dir eval
     python predict.py --checkpoint outputs/best_model.pth --input 049.pkl --points "250,260,14;240,300,15,0" \
         --output_dir preds
+    python predict.py --checkpoint runs/cv --input splits/test.csv --mask_dir masks --output_dir test_report
 
 Preprocessing is read from the checkpoint (the exact training pipeline), and scans, masks, CSVs and spacing are read
 by the same functions training uses (``data.io``, ``data.cohort``), so predict accepts exactly the files training
@@ -11,7 +12,11 @@ accepts. Each scan gets a mask in its original grid (``049.pkl`` → ``049.nii.g
 and, on request, a probability map and a PNG overlay. Clicks (``--points``, positive and negative, applied in order)
 refine the prompt-free answer SAM-style (``inference.apply_clicks``). With ``--mask_dir`` the run also writes
 ``metrics.csv`` (prompt-free, and after 1, 3 and 5 simulated clicks on the largest remaining error) and
-``volume_agreement.png``. A bad file is reported and skipped; the exit code is 1 when any scan failed.
+``volume_agreement.png``, and ``report.md`` (cohort means with 95% bootstrap confidence intervals, volume agreement,
+per-scan metrics; ``report.py``). Several checkpoints (or a cross-validation folder: ``ensemble.py``) form an
+ensemble whose probabilities are averaged; user clicks then refine each member's answer before averaging, and the
+simulated-click metrics are left out (each member would be clicked on its own errors, which no user does).
+A bad file is reported and skipped; the exit code is 1 when any scan failed.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import guards
 import metrics
+import report
 import reporting
 import utils
 from config import Config
@@ -41,6 +47,7 @@ from data.io import (IMAGE_SUFFIXES, MaskIndex, VolumeLoadError, case_id_from_pa
                      load_image_file, looks_preprocessed, matching_axes, read_mask_header, resolve_spacing)
 from data.preprocess import Preprocessing, preprocess_image, resample_to_shape
 from data.records import Problem
+from ensemble import resolve_checkpoints, shared_preprocessing
 from inference import (SIMULATED_CLICKS, Click, apply_clicks, choose_amp_dtype, simulated_click_logits,
                        sliding_window_logits)
 from model import CheckpointError, model_from_trained, read_trained_checkpoint
@@ -50,7 +57,7 @@ logger = logging.getLogger("ichseg.predict")
 
 @dataclasses.dataclass(frozen=True)
 class PredictConfig:
-    checkpoint: str
+    checkpoint: list[str]
     input: str
     output_dir: str
     mask_dir: str | None
@@ -79,7 +86,10 @@ class PredictionError(RuntimeError):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="best_model.pth or latest_model.pth from train.py.")
+    parser.add_argument("--checkpoint", required=True, nargs="+",
+                        help="best_model.pth or latest_model.pth from train.py, a run folder (its best_model.pth) or "
+                             "a cross-validation folder (every fold_<k>/best_model.pth); several make an ensemble "
+                             "that averages probabilities.")
     parser.add_argument("--input", required=True,
                         help=f"A volume ({', '.join(IMAGE_SUFFIXES)}), a folder of them, or a CSV in the "
                              "training format (path,ich,patient_id; only path is required).")
@@ -151,18 +161,27 @@ def collect_inputs(input_path: Path) -> list[ScanInput]:
 
 
 class Predictor:
-    """A checkpoint loaded once; ``segment`` maps one raw volume to a mask in its original grid."""
+    """A checkpoint, or several (an ensemble), loaded once; ``segment`` maps one raw volume to a probability map in
+    its original grid. The members share one preprocessing (``ensemble.shared_preprocessing``); ``config`` is the
+    first member's."""
 
-    def __init__(self, checkpoint: Path, device: torch.device, use_mixed_precision: bool = False):
-        try:
-            state = read_trained_checkpoint(checkpoint)
-            self.model, self.config = model_from_trained(state, checkpoint, device)
-        except CheckpointError as error:  # names the file; nothing in it was executed
-            raise PredictionError(f"--checkpoint {error}") from error
+    def __init__(self, checkpoints: Path | Sequence[Path], device: torch.device, use_mixed_precision: bool = False):
+        self.checkpoints = [Path(checkpoints)] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
+        self.models, configs, preprocessings = [], [], []
+        for checkpoint in self.checkpoints:
+            try:
+                state = read_trained_checkpoint(checkpoint)
+                model, config = model_from_trained(state, checkpoint, device)
+            except CheckpointError as error:  # names the file; nothing in it was executed
+                raise PredictionError(f"--checkpoint {error}") from error
+            self.models.append(model)
+            configs.append(config)
+            preprocessings.append(trained_preprocessing(state, config, int(model.img_size)))
+        self.model, self.config = self.models[0], configs[0]
         self.device = device
         self.amp_dtype = choose_amp_dtype(device, use_mixed_precision)
+        self.preprocessing = shared_preprocessing(self.checkpoints, preprocessings)
         self.roi_size = int(self.model.img_size)
-        self.preprocessing = trained_preprocessing(state, self.config, self.roi_size)
 
     def prepare(self, image: np.ndarray, spacing: Sequence[float]) -> torch.Tensor:
         """Raw HU volume -> the model's input grid: 1×1×D'×H'×W' on the device (the checkpoint's preprocessing)."""
@@ -172,32 +191,34 @@ class Predictor:
     def segment(self, image: np.ndarray, spacing: Sequence[float], clicks: Sequence[Click] = (),
                 truth: np.ndarray | None = None, simulate: Sequence[int] = ()) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """Segment a raw HU volume with voxel ``spacing``: prompt-free, then refined by ``clicks`` (voxel coordinates
-        of ``image``, array axes 0, 1, 2) in order. Returns the probability map (float32, the shape of ``image``)
-        and, with ``truth`` (D×H×W, the scan's mask) and ``simulate``, {k: probability map after k simulated
-        clicks} starting from the prompt-free answer (``inference.simulated_click_logits``; the clicks are placed
-        against ``truth`` resampled to the model's grid, as in training validation)."""
+        of ``image``, array axes 0, 1, 2) in order. Returns the probability map (float32, the shape of ``image``;
+        an ensemble's is the members' mean, each refined by the clicks first) and, for a single model with
+        ``truth`` (D×H×W, the scan's mask) and ``simulate``, {k: probability map after k simulated clicks} starting
+        from the prompt-free answer (``inference.simulated_click_logits``; the clicks are placed against ``truth``
+        resampled to the model's grid, as in training validation)."""
         for click in clicks:
             if any(not 0 <= c <= n - 1 for c, n in zip(click.point, image.shape)):
                 raise ValueError(f"click {tuple(click.point)} lies outside the volume of shape {image.shape}")
         volume = self.prepare(image, spacing)
-        free = sliding_window_logits(self.model, volume, self.roi_size, self.amp_dtype)
-        logits = free
-        if clicks:
-            moved = [Click(to_model_grid(c.point, image.shape, volume.shape[2:]), c.positive) for c in clicks]
-            logits = apply_clicks(self.model, volume, free, moved, self.roi_size, self.amp_dtype)
+        moved = [Click(to_model_grid(c.point, image.shape, volume.shape[2:]), c.positive) for c in clicks]
+        probabilities = torch.zeros_like(volume)
+        for model in self.models:
+            free = sliding_window_logits(model, volume, self.roi_size, self.amp_dtype)
+            logits = apply_clicks(model, volume, free, moved, self.roi_size, self.amp_dtype) if moved else free
+            probabilities += torch.sigmoid(logits) / len(self.models)
         simulated: dict[int, np.ndarray] = {}
-        if truth is not None and simulate:
+        if truth is not None and simulate and len(self.models) == 1:  # ``free``: the single model's answer
             label = resample_to_shape(np.asarray(truth, dtype=np.uint8)[None], volume.shape[2:], "nearest")
             clicked = simulated_click_logits(self.model, volume, torch.as_tensor(label)[None].to(self.device), free,
                                              self.roi_size, self.amp_dtype, simulate)
-            simulated = {k: self.to_original_grid(v, image.shape) for k, v in clicked.items()}
-        return self.to_original_grid(logits, image.shape), simulated
+            simulated = {k: self.to_original_grid(torch.sigmoid(v), image.shape) for k, v in clicked.items()}
+        return self.to_original_grid(probabilities, image.shape), simulated
 
     @staticmethod
-    def to_original_grid(logits: torch.Tensor, shape: Sequence[int]) -> np.ndarray:
-        """1×1×D'×H'×W' logits -> probabilities resampled back onto the scan's own D×H×W grid (float32)."""
-        probabilities = torch.sigmoid(logits)[0].cpu().numpy()
-        restored = resample_to_shape(probabilities, shape, mode="trilinear")
+    def to_original_grid(probabilities: torch.Tensor, shape: Sequence[int]) -> np.ndarray:
+        """1×1×D'×H'×W' probabilities resampled back onto the scan's own D×H×W grid (float32). (Trilinear
+        resampling is linear, so averaging members before or after it gives the same map.)"""
+        restored = resample_to_shape(probabilities[0].cpu().numpy(), shape, mode="trilinear")
         return np.asarray(restored, dtype=np.float32).reshape(tuple(shape))
 
 
@@ -258,11 +279,15 @@ def run(config: PredictConfig) -> int:
         raise ValueError(f"--points applies to a single input scan, got {len(scans)} scans")
     masks = MaskIndex(config.mask_dir) if config.mask_dir else None
     device = utils.resolve_device(config.device)
-    predictor = Predictor(Path(config.checkpoint), device, config.use_mixed_precision)
+    predictor = Predictor(resolve_checkpoints(config.checkpoint), device, config.use_mixed_precision)
     threshold_ml = (config.detection_threshold_ml if config.detection_threshold_ml is not None
                     else metrics.DEFAULT_DETECTION_THRESHOLD_ML)
-    logger.info("segmenting %d scan(s) with %s (%s) on %s", len(scans), config.checkpoint,
-                predictor.config.model.name, device)
+    if len(predictor.models) > 1 and config.simulate_clicks and masks is not None:
+        logger.info("ensemble of %d models: simulated-click metrics are left out (each member would be clicked on "
+                    "its own errors); evaluate a single checkpoint for them", len(predictor.models))
+        config = dataclasses.replace(config, simulate_clicks=[])
+    logger.info("segmenting %d scan(s) with %s (%s) on %s", len(scans),
+                ", ".join(map(str, predictor.checkpoints)), predictor.config.model.name, device)
 
     prediction_rows: list[dict[str, Any]] = []
     metric_rows: list[dict[str, Any]] = []
@@ -279,13 +304,12 @@ def run(config: PredictConfig) -> int:
     reporting.write_table_csv(output_dir / "predictions.csv", prediction_rows, key_column="file")
     if metric_rows:
         reporting.write_table_csv(output_dir / "metrics.csv", metric_rows, key_column="file")
-        summary = metrics.summarize(metric_rows, detection_threshold_ml=threshold_ml)
-        for k in config.simulate_clicks:
-            positives = [r for r in metric_rows if r["volume_true_ml"] > 0]
-            summary[f"dice_positive_{k}click"] = (float(np.mean([r[f"dice_{k}click"] for r in positives]))
-                                                  if positives else float("nan"))
+        summary = report.cohort_summary(metric_rows, threshold_ml, config.simulate_clicks)
         logger.info("evaluation over %d scans\n%s", len(metric_rows), format_summary(summary))
         reporting.plot_volume_agreement(metric_rows, output_dir / "volume_agreement.png")
+        report.write_report(output_dir, metric_rows, checkpoints=predictor.checkpoints, input_path=config.input,
+                            mask_dir=config.mask_dir, detection_threshold_ml=threshold_ml,
+                            threshold=config.threshold, simulated_clicks=config.simulate_clicks)
     logger.info("wrote %d prediction(s) to %s", len(prediction_rows), output_dir)
     if failures:
         logger.error("%d scan(s) failed:\n  %s", len(failures), "\n  ".join(failures))

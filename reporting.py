@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+import metrics
 from utils import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -365,11 +366,28 @@ def plot_volume_agreement(rows: Iterable[Mapping[str, Any]], path: str | os.Path
     scatter.plot([0, top], [0, top], "k--", linewidth=1)
     scatter.set(xlabel="true volume (mL)", ylabel="predicted volume (mL)", title="Hematoma volume",
                 xlim=(0, top), ylim=(0, top))
-    mean, diff = (true + pred) / 2, pred - true
-    bias, spread = float(diff.mean()), float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
-    bland.scatter(mean, diff, s=18)
-    for value, style in ((bias, "-"), (bias + 1.96 * spread, "--"), (bias - 1.96 * spread, "--")):
-        bland.axhline(value, color="k", linestyle=style, linewidth=1)
+    agreement = metrics.bland_altman(true, pred)
+    bland.scatter((true + pred) / 2, pred - true, s=18)
+    for key, style in (("bias", "-"), ("loa_high", "--"), ("loa_low", "--")):
+        bland.axhline(agreement[key], color="k", linestyle=style, linewidth=1)
     bland.set(xlabel="mean of predicted and true (mL)", ylabel="predicted − true (mL)",
-              title=f"Bland–Altman (bias {bias:+.2f} mL)")
+              title=f"Bland–Altman (bias {agreement['bias']:+.2f} mL)")
+    _save_figure(figure, path, dpi=100)
+
+
+def plot_dice_by_volume(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """Per-scan Dice and HD95 against the true hematoma volume (predict.py's evaluation rows): where the model
+    struggles, typically on small bleeds. ICH-negative scans (true volume 0) are drawn at x = 0 in grey."""
+    rows = list(rows)
+    true = np.array([r["volume_true_ml"] for r in rows], dtype=float)
+    positive = true > 0
+    figure = _new_figure(10, 4.0)
+    for ax, key, label in zip(figure.subplots(1, 2), ("dice", "hd95_mm"), ("Dice", "HD95 (mm)")):
+        values = np.array([_finite_or_none(r.get(key)) for r in rows], dtype=float)  # None -> NaN: not drawn
+        ax.scatter(true[positive], values[positive], s=20, label="ICH-positive")
+        if (~positive).any():
+            ax.scatter(true[~positive], values[~positive], s=20, color="grey", label="ICH-negative")
+        ax.set(xlabel="true hematoma volume (mL)", ylabel=label, title=f"{label} per scan")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
     _save_figure(figure, path, dpi=100)

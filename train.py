@@ -3,6 +3,7 @@
     python train.py --train_csv train.csv --val_csv val.csv --mask_dir masks --output_dir out \\
         --pretrained_checkpoint sam_med3d_turbo.pth
     python train.py --test          # self-check on a generated synthetic cohort (tiny model, < 3 min on CPU)
+    python train.py --folds_dir splits --mask_dir masks --output_dir out --fold all  # cross-validation
     torchrun --nproc_per_node 2 train.py ...   # several GPUs (or CPU processes with gloo)
 
 ``main`` reads as the whole program: parse → validate → system checks → data validation → build model → fit →
@@ -26,6 +27,7 @@ import guards
 import tracking
 import utils
 from config import Config, ConfigError, build_config, replace_section
+from crossval import run_cross_validation
 from memory import estimate_training_memory_gb
 from model import CheckpointError, CheckpointUnavailableError, build_model, resolve_checkpoint
 from selftest import run_self_test
@@ -165,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if config.test:
         return run_self_test(config, run_training)
+    if config.data.folds_dir is not None:
+        code, _ = run_cross_validation(config, warnings, run_training)
+        return code
     code, _ = run_training(config, warnings)
     return code
 

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Programs run from the command line; everything else is a library module they build on.
-ENTRY_POINTS = {"train", "predict", "selftest", "synthetic"}
+ENTRY_POINTS = {"train", "predict", "selftest", "synthetic", "prepare_ctich"}
 
 
 def _module_name(path: Path) -> str:

@@ -153,3 +153,36 @@ def test_a_click_only_moves_the_answer_its_own_way():
 
     refined = apply_clicks(Shrinking(), image, logits, [Click((7, 7, 7), True)], roi_size=16)
     assert torch.equal(refined > 0, logits > 0)  # a hemorrhage click never removes blood
+
+
+def test_icc_2_1_matches_shrout_and_fleiss():
+    # Shrout & Fleiss (1979), Table 2: six subjects rated by four judges; ICC(2,1) = 0.29.
+    judges = np.array([[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]], float)
+    assert metrics.icc_2_1(*judges.T) == pytest.approx(0.2898, abs=1e-4)
+    volumes = np.array([3.0, 10.0, 25.0, 40.0])
+    assert metrics.icc_2_1(volumes, volumes) == pytest.approx(1.0)
+    assert metrics.icc_2_1(volumes, volumes + 5.0) < metrics.icc_2_1(volumes, volumes + 0.5) < 1.0  # absolute agreement
+    assert math.isnan(metrics.icc_2_1([1.0], [2.0]))
+
+
+def test_bland_altman_bias_and_limits():
+    agreement = metrics.bland_altman([10.0, 20.0, 30.0], [12.0, 21.0, 33.0])
+    differences = np.array([2.0, 1.0, 3.0])
+    assert agreement["bias"] == pytest.approx(2.0)
+    assert agreement["loa_high"] - agreement["bias"] == pytest.approx(1.96 * differences.std(ddof=1))
+    assert agreement["bias"] - agreement["loa_low"] == pytest.approx(1.96 * differences.std(ddof=1))
+
+
+def test_bootstrap_ci_is_deterministic_and_brackets_the_mean():
+    rng = np.random.default_rng(0)
+    rows = [{"value": float(v)} for v in rng.normal(0.7, 0.1, size=40)]
+
+    def mean(sample):
+        return {"value": float(np.mean([r["value"] for r in sample])), "undefined": math.nan}
+
+    interval = metrics.bootstrap_ci(rows, mean, resamples=500, seed=1)
+    assert interval == metrics.bootstrap_ci(rows, mean, resamples=500, seed=1)
+    low, high = interval["value"]
+    assert low < mean(rows)["value"] < high
+    assert high - low == pytest.approx(2 * 1.96 * 0.1 / math.sqrt(40), rel=0.35)  # the normal-theory width
+    assert all(math.isnan(b) for b in interval["undefined"])

@@ -197,3 +197,11 @@ def test_save_overlay_png(tmp_path):
     assert not (tmp_path / "bad.png").exists()
 
 
+
+
+def test_plot_dice_by_volume(tmp_path):
+    rows = [{"volume_true_ml": 12.0, "dice": 0.8, "hd95_mm": 3.0}, {"volume_true_ml": 2.0, "dice": 0.4,
+                                                                     "hd95_mm": 9.0},
+            {"volume_true_ml": 0.0, "dice": 1.0, "hd95_mm": float("nan")}]
+    reporting.plot_dice_by_volume(rows, tmp_path / "dice.png")
+    assert (tmp_path / "dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
