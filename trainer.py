@@ -3,8 +3,8 @@
 fit → on_fit_start (resume, tracking) → for each epoch: train_epoch → validate (every ``val_every``) →
 on_epoch_end (schedule, checkpoints, early stopping, logs) → on_fit_end (summary).
 
-Pieces that are pure decisions (learning-rate factor, early stopping, click sampling) are small
-functions or classes at the top so they can be unit-tested without a model.
+What a step computes (prompted forward, loss) lives in ``objective.py``; how the optimiser is set up and steered
+(learning-rate groups, schedules, early stopping) in ``optimization.py``.
 """
 from __future__ import annotations
 
@@ -18,12 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from monai.losses import DiceLoss
-from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
@@ -34,10 +30,12 @@ import tracking
 import utils
 from config import Config
 from data.preprocess import Preprocessing
-from inference import (SIMULATED_CLICKS, autocast_context, choose_amp_dtype, mask_prompt_from_logits,
-                       simulated_click_logits, sliding_window_logits)
+from inference import (SIMULATED_CLICKS, autocast_context, choose_amp_dtype, simulated_click_logits,
+                       sliding_window_logits)
 from memory import MemoryMonitor
 from model import export_encoder, load_trained_weights, read_trained_checkpoint
+from objective import PromptedSegmentation, SegmentationLoss
+from optimization import EarlyStopping, build_scheduler, group_sizes, parameter_groups
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +43,6 @@ CHECKPOINT_FORMAT_VERSION = 1
 LATEST_NAME = "latest_model.pth"
 BEST_NAME = "best_model.pth"
 ENCODER_NAME = "sam_encoder.pth"
-# Upper bound of the per-voxel weight of hemorrhage in the cross-entropy (see SegmentationLoss): measured on the
-# synthetic cohort, balancing lifted the tiny model off the empty-mask plateau ~2x sooner; the cap limits the
-# false positives an unbounded weight invites on tiny bleeds.
-MAX_POSITIVE_WEIGHT = 10.0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,224 +51,6 @@ class NonFiniteLossError(RuntimeError):
 
 class TrainingInterrupted(RuntimeError):
     """SIGINT/SIGTERM arrived; ``latest_model.pth`` was written and the run can be resumed."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Pure pieces
-# --------------------------------------------------------------------------------------------------------------
-
-def cosine_warmup_factor(epoch: int, warmup_epochs: int, total_epochs: int, min_factor: float = 0.01) -> float:
-    """LR multiplier for ``epoch`` (0-based): linear warm-up to 1, then cosine decay to ``min_factor``."""
-    if warmup_epochs > 0 and epoch < warmup_epochs:
-        return (epoch + 1) / (warmup_epochs + 1)
-    span = max(total_epochs - warmup_epochs, 1)
-    progress = min(max(epoch - warmup_epochs, 0) / span, 1.0)
-    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LRScheduler | \
-        torch.optim.lr_scheduler.ReduceLROnPlateau:
-    """The per-epoch LR schedule named by ``--scheduler_type``; plateau is keyed on validation Dice (mode max)."""
-    t = config.train
-    if t.scheduler_type == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda epoch: cosine_warmup_factor(epoch, t.warmup_epochs, t.epochs))
-    if t.scheduler_type == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.step_size, gamma=t.lr_decay_factor)
-    if t.scheduler_type == "reduce_on_plateau":
-        # Reduce well before early stopping gives up, so a lower rate gets a chance to help.
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=t.lr_decay_factor,
-                                                          patience=max(1, t.patience // 3))
-    raise ValueError(f"unknown scheduler_type {t.scheduler_type!r}; expected cosine, step or reduce_on_plateau")
-
-
-@dataclasses.dataclass
-class EarlyStopping:
-    """Stop after ``patience`` validations without an improvement of the monitored metric (higher is better).
-
-    Patience only counts once the metric has passed ``learning_threshold``: a model trained from scratch scores
-    0 for the first epochs of a cold start (measured: 25-35 epochs of Dice 0 on a small-bleed cohort before it
-    learned), and stopping there kept the untrained epoch-1 model as "best".
-    """
-
-    patience: int
-    min_delta: float = 0.0
-    learning_threshold: float = 0.05
-    best: float = -math.inf
-    best_epoch: int = -1
-    bad_validations: int = 0
-
-    def update(self, value: float, epoch: int) -> bool:
-        """Record a validation result; returns True when it is a new best."""
-        if not math.isnan(value) and value > self.best + self.min_delta:
-            self.best, self.best_epoch, self.bad_validations = value, epoch, 0
-            return True
-        if self.best > self.learning_threshold:
-            self.bad_validations += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.bad_validations >= self.patience
-
-    def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-
-
-# Which learning rate each top-level module of a SamMed3D trains at (see parameter_groups).
-_ENCODER_MODULES = ("image_encoder",)
-_DECODER_MODULES = ("prompt_encoder", "mask_decoder")
-_SCRATCH_MODULES = ("refiner", "representation_head")
-
-
-def parameter_groups(model: nn.Module, config: Config) -> list[dict[str, Any]]:
-    """AdamW parameter groups of the trainable parameters, named ``encoder`` (``--lr``), ``decoder`` (prompt
-    encoder and mask decoder, ``--lr × --decoder_lr_scale``) and ``scratch`` (mask refiner and representation
-    head, which start from zero or random even when fine-tuning: ``--scratch_lr``). Empty groups are left out;
-    every trainable parameter is in exactly one group (a module this table does not know is an error)."""
-    t = config.train
-    rates = {"encoder": t.lr, "decoder": t.lr * t.decoder_lr_scale, "scratch": t.scratch_lr}
-    members: dict[str, list[nn.Parameter]] = {name: [] for name in rates}
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        top = name.split(".", 1)[0]
-        group = ("encoder" if top in _ENCODER_MODULES else "decoder" if top in _DECODER_MODULES
-                 else "scratch" if top in _SCRATCH_MODULES else None)
-        if group is None:
-            raise ValueError(f"parameter {name} belongs to no learning-rate group (module {top!r})")
-        members[group].append(parameter)
-    return [{"name": name, "params": params, "lr": rates[name]} for name, params in members.items() if params]
-
-
-def group_sizes(num_batches: int, accumulation: int) -> list[int]:
-    """Micro-batches in each optimiser step of an epoch; the last group may be short and still steps."""
-    full, rest = divmod(num_batches, accumulation)
-    return [accumulation] * full + ([rest] if rest else [])
-
-
-def sample_clicks(target: torch.Tensor, prediction: torch.Tensor | None,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One simulated click per sample, drawn from the current error region, favouring its interior.
-
-    A voxel's chance grows with the square of its depth inside the error region (distance to the region's border),
-    which is where validation and users click (``inference.next_click``: the deepest voxel of the largest error):
-    uniform draws mostly hit the one-voxel rims of nearly right answers, and a model trained on those learned to
-    answer a click deep inside a missed bleed with a rim-sized blob.
-
-    Args:
-        target: B×1×D×H×W ground truth in {0, 1}.
-        prediction: B×1×D×H×W boolean prediction of the previous round, or None before the first round
-            (then the error region is the whole hemorrhage: the first click is a positive point inside it).
-        generator: CPU generator; its state is checkpointed so resumed runs draw the same clicks.
-    Returns:
-        points B×1×3 float (d, h, w voxel coordinates) and labels B×1 long: 1 where the click falls on missed
-        hemorrhage (false negative), 0 on a false positive. A sample with no error (perfect, or an empty target
-        before any prediction) gets a negative click on a random background voxel.
-    """
-    truth = target[:, 0] > 0.5
-    errors = truth.clone() if prediction is None else truth ^ prediction[:, 0].bool()
-    batch, spatial = truth.shape[0], truth.shape[1:]
-    points = torch.empty(batch, 1, 3)
-    labels = torch.empty(batch, 1, dtype=torch.long)
-    for i in range(batch):
-        region = errors[i] if errors[i].any() else ~truth[i]
-        if not region.any():  # the whole crop is hemorrhage and predicted so: click inside it
-            region = truth[i]
-        # Sampling the flat index through the weights keeps everything on the generator (reproducible).
-        depth = ndimage.distance_transform_edt(np.pad(region.cpu().numpy(), 1))[1:-1, 1:-1, 1:-1]
-        flat = torch.from_numpy(depth.ravel() ** 2).float()
-        index = int(torch.multinomial(flat, 1, generator=generator).item())
-        coords = torch.unravel_index(torch.tensor(index), spatial)
-        points[i, 0] = torch.stack(coords).float()
-        labels[i, 0] = int(truth[i].flatten()[index].item())
-    return points.to(target.device), labels.to(target.device)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The forward used for training: one encoder pass, several decoder rounds, inside one module call so that a
-# DistributedDataParallel wrapper sees a single forward (its gradient hooks are armed per forward call).
-# --------------------------------------------------------------------------------------------------------------
-
-class PromptedSegmentation(nn.Module):
-    """Wraps a SamMed3D for training: prompt-free decoding, optionally followed by click rounds reusing the features.
-
-    Every batch starts with the prompt-free answer (no points, the all-zero mask prompt the published weights were
-    trained with). Click rounds then correct it the way a user does with ``predict.py --points``: a click on the
-    current error, all clicks so far as point prompts, and the current answer as the mask prompt
-    (``inference.mask_prompt_from_logits``, the same conversion interactive inference uses).
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, click_rounds: int,
-                generator: torch.Generator) -> dict[str, Any]:
-        """images, labels: B×1×S×S×S. Returns ``masks`` (list of B×1×S×S×S logits: the prompt-free round, then one
-        per click round) and ``ich_logit`` (B). ``click_rounds == 0`` is the automatic, prompt-free mode."""
-        features = self.model.encode(images)
-        # The representation head learns on detached features: with its ICH loss flowing into the encoder the
-        # tiny model stayed on the empty-mask plateau in every run we measured, so segmentation alone shapes the
-        # encoder and the head reads it the way BLIP-2's Q-Former will.
-        represented = self.model.represent(features.detach())
-        masks = [self.model.decode(features, image=images)["masks"]]
-        points = point_labels = None
-        for _ in range(click_rounds):
-            # The next round corrects this round's answer; the prompt itself carries no gradient, as in SAM.
-            previous = masks[-1].detach()
-            new_points, new_labels = sample_clicks(labels, previous > 0, generator)
-            points = new_points if points is None else torch.cat([points, new_points], dim=1)
-            point_labels = new_labels if point_labels is None else torch.cat([point_labels, new_labels], dim=1)
-            prompt = mask_prompt_from_logits(previous, self.model.mask_size)
-            masks.append(self.model.decode(features, points=points, point_labels=point_labels, mask_prompt=prompt,
-                                           image=images)["masks"])
-        return {"masks": masks, "ich_logit": represented["ich_logit"]}
-
-
-class SegmentationLoss(nn.Module):
-    """Dice (MONAI) + class-balanced binary cross-entropy on mask logits, averaged over prompt rounds, plus
-    weighted BCE on the ICH-presence logit.
-
-    Both terms are computed per sample and then averaged, so accumulating micro-batches equals one big batch.
-    Soft Dice is undefined on an empty target (any non-zero sigmoid gives a loss near 1), so for samples without
-    hemorrhage only the cross-entropy term applies; it still punishes every false-positive voxel. The ICH
-    target is crop-level: 1 when the crop contains any hemorrhage voxel.
-    """
-
-    def __init__(self, ich_weight: float):
-        super().__init__()
-        self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=1e-5, smooth_dr=1e-5)
-        self.ich_weight = ich_weight
-
-    def mask_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean over samples of BCE + Dice·[target not empty]; logits, labels: B×1×D×H×W."""
-        logits = logits.float()
-        voxel_bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").flatten(1)
-        target = labels.flatten(1)
-        # Hemorrhage is ~1% of a crop: weight its voxels towards half the cross-entropy (capped) so the loss does
-        # not settle on the all-empty answer, where the sigmoid saturates and the Dice gradient vanishes.
-        positive_weight = (target.shape[1] / (2 * target.sum(dim=1).clamp(min=1))).clamp(max=MAX_POSITIVE_WEIGHT)
-        bce = (voxel_bce * torch.where(target > 0.5, positive_weight[:, None], 1.0)).mean(dim=1)
-        dice = self.dice(logits, labels).flatten(1).mean(dim=1)
-        has_target = (labels.flatten(1).amax(dim=1) > 0.5).float()
-        return (bce + dice * has_target).mean()
-
-    def forward(self, masks: list[torch.Tensor], ich_logit: torch.Tensor | None,
-                labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        mask_loss = torch.stack([self.mask_loss(m, labels) for m in masks]).mean()
-        total = mask_loss
-        parts = {"mask_loss": float(mask_loss.detach())}
-        if ich_logit is not None and self.ich_weight > 0:
-            ich_target = (labels.flatten(1).amax(dim=1) > 0.5).float()
-            ich_loss = F.binary_cross_entropy_with_logits(ich_logit.float(), ich_target)
-            total = total + self.ich_weight * ich_loss
-            parts["ich_loss"] = float(ich_loss.detach())
-        return total, parts
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -122,7 +122,7 @@ def bench_cohort(name: str, spec: CohortSpec, work: Path, extra_flags: list[str]
     files = ["--train_csv", str(data / "train.csv"), "--val_csv", str(data / "val.csv"), "--mask_dir",
              str(data / "masks")]
     run_dir = work / "runs" / f"{name}{'-' + '-'.join(f.strip('-') for f in extra_flags) if extra_flags else ''}"
-    train_command = [python, "train.py", *files, *RECIPE, *extra_flags, "--output_dir", str(run_dir),
+    train_command = [python, "train.py", *files, *RECIPE, *extra_flags, "--output_dir", str(run_dir), "--overwrite",
                      "--cache_dir", str(work / "cache")]
     logger.info("%s: %s", name, shlex.join(train_command))
     train_s = _run(train_command, work / f"{run_dir.name}.train.log")

@@ -15,7 +15,7 @@ from torch import nn
 from modeling.image_encoder import ImageEncoderViT3D
 from modeling.mask_decoder import MaskDecoder3D
 from modeling.prompt_encoder import PromptEncoder3D
-from modeling.refiner import MaskRefiner3D, click_maps
+from modeling.refiner import MaskRefiner3D
 from modeling.representation_head import RepresentationHead
 from modeling.validation import check_features, check_mask_prompt, check_points, check_refiner_image
 
@@ -86,7 +86,7 @@ class SamMed3D(nn.Module):
                 predicted IoU per sample, and ``multimask_low_res_masks`` B×3×L³ / ``multimask_iou_predictions``
                 B×3 hold all three.
             image: B×1×S×S×S, the input ``features`` were computed from; required when the model has a refiner
-                (``masks`` are then refined at full resolution from the image and a map of the clicks;
+                (``masks`` are then refined at full resolution from the image;
                 ``low_res_masks`` stay the decoder's own).
 
         "No mask" is an all-zero low-res mask through the mask-downscaling convs, exactly what SAM-Med3D's own
@@ -106,9 +106,6 @@ class SamMed3D(nn.Module):
             check_refiner_image(image, b, self.img_size)
         if points is not None and points.shape[1] == 0:
             points = point_labels = None  # an empty click list is no click at all
-        clicks = None
-        if self.refiner is not None and points is not None:
-            clicks = click_maps(points, point_labels, b, self.img_size, features.device, features.dtype)
         if mask_prompt is None:
             mask_prompt = features.new_zeros(b, 1, self.mask_size, self.mask_size, self.mask_size)
         sparse, dense = self.prompt_encoder(points, point_labels, mask_prompt, batch_size=b)
@@ -126,7 +123,7 @@ class SamMed3D(nn.Module):
         size = (self.img_size,) * 3
         masks = F.interpolate(low_res, size=size, mode="trilinear", align_corners=False)
         if self.refiner is not None:
-            masks = self.refiner(image, masks, clicks)
+            masks = self.refiner(image, masks)
         out["masks"] = masks
         out["low_res_masks"] = low_res
         out["iou_predictions"] = iou

@@ -19,7 +19,6 @@ from model import (TURBO_CHECKPOINT_URL, CheckpointError, CheckpointMismatchErro
                    load_pretrained, load_representation_head, load_sam_encoder, load_trained, resolve_checkpoint,
                    trainable_parameters)
 from modeling.image_encoder import EncoderBlock, ImageEncoderViT3D
-from modeling.refiner import click_maps
 from modeling.representation_head import RepresentationHead
 
 # A copy of ../shared/reference/sam_med3d_turbo_state_dict.tsv (facts: names and shapes), kept in the repo so the
@@ -448,17 +447,6 @@ def test_refiner_starts_as_the_identity_and_then_learns_from_the_image():
     assert refined.refiner.unfold.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="needs the 2×1×64×64×64 input volume"):
         refined.decode(refined.encode(images))
-
-
-def test_click_maps_mark_positive_and_negative_clicks_and_ignore_padding():
-    points = torch.tensor([[[10.0, 20.0, 30.0], [40.0, 40.0, 40.0], [0.0, 0.0, 0.0]]])
-    labels = torch.tensor([[1, 0, -1]])
-    maps = click_maps(points, labels, 1, 64, torch.device("cpu"), torch.float32)
-    assert maps.shape == (1, 2, 64, 64, 64)
-    assert maps[0, 0, 10, 20, 30] == 1.0 and maps[0, 1, 40, 40, 40] == 1.0
-    assert maps[0, 0, 40, 40, 40] < 1e-6 and maps[0, 1, 10, 20, 30] < 1e-6 and maps[0, :, 0, 0, 0].max() < 1e-6
-    assert 0.5 < float(maps[0, 0, 12, 20, 30]) < 0.7  # exp(-4 / 8): σ = 2 voxels
-    assert torch.equal(click_maps(None, None, 2, 8, torch.device("cpu"), torch.float32), torch.zeros(2, 2, 8, 8, 8))
 
 
 def test_refiner_can_be_switched_off():

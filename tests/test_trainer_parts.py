@@ -1,4 +1,5 @@
-"""The trainer's pure decisions: schedules, early stopping, accumulation groups, click sampling, precision."""
+"""The training step's pure pieces: schedules, early stopping, accumulation groups (optimization.py), click
+sampling, click rounds and the loss (objective.py), precision (inference.py)."""
 import math
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 from config import Config, replace_section
 from inference import choose_amp_dtype
 from model import build_tiny
-from trainer import (EarlyStopping, PromptedSegmentation, SegmentationLoss, build_scheduler, cosine_warmup_factor,
-                     group_sizes, parameter_groups, sample_clicks)
+from objective import PromptedSegmentation, SegmentationLoss, sample_clicks
+from optimization import EarlyStopping, build_scheduler, cosine_warmup_factor, group_sizes, parameter_groups
 
 
 def _optimizer(lr=1.0):
