@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+import report
 import reporting
 import utils
 from config import Config, replace_section
@@ -108,9 +109,7 @@ def summarize_folds(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, fl
 
 def format_cv_table(rows: Sequence[Mapping[str, Any]], stats: Mapping[str, Mapping[str, float]]) -> str:
     """Markdown table: one line per fold, then mean ± sd."""
-    def cell(value: Any) -> str:
-        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
-
+    cell = report.format_number
     header = ["fold", "best epoch", *(title for _, title in CV_METRICS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:

@@ -22,9 +22,11 @@ and writes::
 
 Before anything is written every scan is read once (the training readers, ``data.io``) and every problem is reported
 at once: numbers missing from the images, the masks or the CSV, unreadable files, values in the CSV, masks that are
-not binary or whose shape does not match the image's (not even with the axes reordered), images that do not look
-like raw HU. Softer findings (0/255 masks, a slice count that differs from the CSV's, labels that disagree with the
-mask) are logged as warnings. The CSVs pass ``dataloader.validate_cohort``.
+not binary or do not lie on the image's voxels (shape, voxel size, origin or direction: the validator's rule,
+``data.geometry.align_mask``; the masks written carry the image's affine, so this is the last place it can be seen),
+images that do not look like raw HU. Softer findings (0/255 masks, masks stored in another orientation, a slice
+count that differs from the CSV's, labels that disagree with the mask, a positive mask that does not lie on blood)
+are logged as warnings. The CSVs pass ``dataloader.validate_cohort``.
 """
 from __future__ import annotations
 
@@ -44,8 +46,9 @@ import pandas as pd
 import metrics
 import reporting
 import utils
+from data.geometry import MaskOrientation, align_mask, label_problem, orient_mask
 from data.io import (MASK_SUFFIXES, VolumeLoadError, case_id_from_path, in_image_axes, looks_preprocessed,
-                     mask_key, matching_axes, read_image, read_mask, resolve_spacing)
+                     mask_key, read_image, read_mask, resolve_spacing)
 from data.records import Problem
 from splits import SplitError, split_cohort
 
@@ -79,7 +82,7 @@ class Scan:
     mask: Path | None = None
     # Filled by inspect_scan:
     affine: np.ndarray | None = None
-    mask_axes: tuple[int, int, int] = (0, 1, 2)
+    orientation: MaskOrientation = MaskOrientation()  # the mask into the image's grid (data.geometry.align_mask)
     volume_ml: float = 0.0
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -88,7 +91,8 @@ class Scan:
 def read_labels(csv_path: Path, problems: list[Problem]) -> dict[str, Scan]:
     """Scans by file number (leading zeros ignored) from the per-slice label CSV; problems appended."""
     try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True,
+                            skip_blank_lines=False)  # kept, so a row's index gives its line in the file
     except FileNotFoundError:
         problems.append(Problem(str(csv_path), "label CSV not found (the download's per-slice diagnosis table)"))
         return {}
@@ -102,9 +106,13 @@ def read_labels(csv_path: Path, problems: list[Problem]) -> dict[str, Scan]:
                                                f"{','.join(LABEL_COLUMNS)}, found {','.join(frame.columns)}"))
         return {}
     scans: dict[str, Scan] = {}
+    # ``row`` is the line in the file as editors number it (the header is line 1), as everywhere in the project
+    # (``data.records.Problem``); blank lines are skipped but counted.
     for row, (patient, slice_number, no_hemorrhage) in enumerate(
-            zip(frame["PatientNumber"], frame["SliceNumber"], frame["No_Hemorrhage"]), start=1):
+            zip(frame["PatientNumber"], frame["SliceNumber"], frame["No_Hemorrhage"]), start=2):
         patient, slice_number, no_hemorrhage = patient.strip(), slice_number.strip(), no_hemorrhage.strip()
+        if not (patient or slice_number or no_hemorrhage) and not "".join(frame.iloc[row - 2]).strip():
+            continue
         bad = [f"{name} {value!r} is not a whole number" for name, value in
                (("PatientNumber", patient), ("SliceNumber", slice_number)) if not value.isdigit()]
         if no_hemorrhage not in ("0", "1"):
@@ -134,7 +142,9 @@ def list_niftis(folder: Path, what: str, problems: list[Problem]) -> dict[str, P
 
 
 def inspect_scan(scan: Scan) -> Scan:
-    """Read the scan's image and mask once: geometry, HU range, mask values and shape, volume, label agreement."""
+    """Read the scan's image and mask once: HU range, mask values, the mask's grid against the image's (the
+    validator's rule, ``data.geometry.align_mask``: written masks carry the image's affine, so a mask that does not
+    lie on the image's voxels must be caught here), whether a positive mask lies on blood, volume, label agreement."""
     def problem(path: Path, message: str) -> None:
         scan.problems.append(Problem(str(path), message))
 
@@ -143,10 +153,10 @@ def inspect_scan(scan: Scan) -> Scan:
     except VolumeLoadError as error:
         problem(scan.image, error.reason)
         image = None
-    mask = mask_spacing = None
+    mask = mask_spacing = mask_affine = None
     if scan.mask is not None:
         try:
-            mask, mask_spacing, _, was_255 = read_mask(scan.mask)
+            mask, mask_spacing, _, was_255, mask_affine = read_mask(scan.mask)
             if was_255:
                 scan.warnings.append(f"{scan.mask}: 0/255 mask, written as 0/1")
         except VolumeLoadError as error:
@@ -159,18 +169,25 @@ def inspect_scan(scan: Scan) -> Scan:
     if image.shape[-1] != scan.csv_slices:
         scan.warnings.append(f"{scan.image}: {image.shape[-1]} slices along the last axis, but the label CSV lists "
                              f"{scan.csv_slices} for patient {scan.patient_id}")
-    axes = (0, 1, 2)
     if mask is not None:
-        axes = matching_axes(image.shape, mask.shape)
-        if axes is None:
-            problem(scan.mask, f"mask shape {mask.shape} does not match the image shape {image.shape} "
-                               f"({scan.image.name}), not even with the axes reordered")
+        alignment = align_mask(meta["affine"], mask_affine, mask.shape, image.shape)
+        if alignment.orientation is None or alignment.disagreement is not None:
+            problem(scan.mask, f"{alignment.disagreement} (image {scan.image.name}): the mask does not lie on the "
+                               "image's voxels; re-save it on the image's grid")
             return scan
-        mask = mask.transpose(axes)
-    spacing, _ = resolve_spacing(meta["spacing"], in_image_axes(mask_spacing, axes), (1.0, 1.0, 1.0))
+        scan.orientation = alignment.orientation
+        if not scan.orientation.is_identity:
+            scan.warnings.append(f"{scan.mask}: brought into the voxel grid of {scan.image.name} "
+                                 f"({scan.orientation.describe()})")
+        mask = orient_mask(mask, scan.orientation)
+    spacing, _ = resolve_spacing(meta["spacing"], in_image_axes(mask_spacing, scan.orientation.axes),
+                                 (1.0, 1.0, 1.0))
     scan.affine = meta["affine"] if meta["affine"] is not None else np.diag([*spacing, 1.0])
-    scan.mask_axes = axes
     scan.volume_ml = metrics.volume_ml(mask, spacing) if mask is not None else 0.0
+    off_blood = label_problem(image, mask) if mask is not None and scan.ich == 1 else None
+    if off_blood is not None:
+        # A finding, not a refusal: train.py refuses the scan unless --allow_unusual_masks, which may be right.
+        scan.warnings.append(f"{scan.mask}: {off_blood} (a train.py flag: its validator refuses the scan without it)")
     if scan.ich == 1 and scan.volume_ml == 0 and mask is not None:
         scan.warnings.append(f"{scan.mask}: patient {scan.patient_id} has hemorrhage slices in the CSV but an "
                              "empty mask (kept as ICH-positive, as the CSV says)")
@@ -225,8 +242,8 @@ def write_cohort(scans: Sequence[Scan], out_dir: Path) -> Path:
     rows = []
     for scan in scans:
         if scan.mask is not None:
-            mask, _, _, _ = read_mask(scan.mask)
-            nifti = nib.Nifti1Image(np.ascontiguousarray(mask.transpose(scan.mask_axes), dtype=np.uint8), scan.affine)
+            mask = orient_mask(read_mask(scan.mask)[0], scan.orientation)
+            nifti = nib.Nifti1Image(np.ascontiguousarray(mask, dtype=np.uint8), scan.affine)
             nifti.header.set_qform(scan.affine, code=1)  # so readers take the spacing from the header
             nifti.header.set_sform(scan.affine, code=1)
             nib.save(nifti, str(mask_dir / f"{case_id_from_path(scan.image)}.nii.gz"))

@@ -71,7 +71,8 @@ def _metric_lines(clicks: Sequence[int]) -> list[tuple[str, str, str]]:
                     ("specificity", "detection specificity", "ICH-")]
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
+def format_number(value: float | None, digits: int = 3) -> str:
+    """A number of a report table: ``digits`` decimals, "n/a" for a missing or non-finite value, never "-0.000"."""
     if value is None or not math.isfinite(value):
         return "n/a"
     text = f"{value:.{digits}f}"
@@ -81,7 +82,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 def _interval(bounds: tuple[float, float], digits: int = 3) -> str:
     if not all(math.isfinite(b) for b in bounds):
         return "n/a"
-    return f"{_fmt(bounds[0], digits)} – {_fmt(bounds[1], digits)}"
+    return f"{format_number(bounds[0], digits)} – {format_number(bounds[1], digits)}"
 
 
 def build_report(rows: Rows, detection_threshold_ml: float, clicks: Sequence[int] = ()) -> dict[str, Any]:
@@ -114,7 +115,7 @@ def format_markdown(numbers: Mapping[str, Any], rows: Rows, *, checkpoints: Sequ
              "## Segmentation and detection", "", f"| metric | scans | n | mean | {CONFIDENCE:.0%} CI |",
              "|---|---|---|---|---|"]
     for key, label, scans in _metric_lines(clicks):
-        lines.append(f"| {label} | {scans} | {counts[scans]} | {_fmt(summary[key])} | "
+        lines.append(f"| {label} | {scans} | {counts[scans]} | {format_number(summary[key])} | "
                      f"{_interval(ci.get(key, (math.nan, math.nan)))} |")
     lines += ["", "Dice on a scan with an empty ground truth is 1 when the prediction is empty too, else 0; HD95 is "
               "defined only where both masks are non-empty.", "", "## Hematoma volume agreement", "",
@@ -123,17 +124,18 @@ def format_markdown(numbers: Mapping[str, Any], rows: Rows, *, checkpoints: Sequ
     for name, title in (("all", "all"), ("positive", "ICH+")):
         a, a_ci = numbers["agreement"][name], numbers["agreement_ci"][name]
         nan2 = (math.nan, math.nan)
-        lines.append(f"| {title} | {int(a['n'])} | {_fmt(a['bias'], 2)} [{_interval(a_ci.get('bias', nan2), 2)}] | "
-                     f"{_fmt(a['loa_low'], 2)} to {_fmt(a['loa_high'], 2)} | {_fmt(a['icc_2_1'])} "
-                     f"[{_interval(a_ci.get('icc_2_1', nan2))}] | {_fmt(a['pearson_r'])} "
-                     f"[{_interval(a_ci.get('pearson_r', nan2))}] |")
+        lines.append(f"| {title} | {int(a['n'])} | {format_number(a['bias'], 2)} "
+                     f"[{_interval(a_ci.get('bias', nan2), 2)}] | "
+                     f"{format_number(a['loa_low'], 2)} to {format_number(a['loa_high'], 2)} | "
+                     f"{format_number(a['icc_2_1'])} [{_interval(a_ci.get('icc_2_1', nan2))}] | "
+                     f"{format_number(a['pearson_r'])} [{_interval(a_ci.get('pearson_r', nan2))}] |")
     lines += ["", "![Volume agreement](volume_agreement.png)", "", "![Dice and HD95 by volume](dice_by_volume.png)",
               "", "## Per-scan metrics", ""]
     columns = {"volume_true_ml": "true mL", "volume_pred_ml": "predicted mL", "volume_error_ml": "error mL",
                "dice": "Dice", "hd95_mm": "HD95 mm", **{f"dice_{k}click": f"Dice {k} click" for k in clicks}}
     lines += ["| file | " + " | ".join(columns.values()) + " |", "|" + "---|" * (len(columns) + 1)]
     for row in rows:
-        lines.append("| " + " | ".join([str(row["file"]), *(_fmt(row.get(c)) for c in columns)]) + " |")
+        lines.append("| " + " | ".join([str(row["file"]), *(format_number(row.get(c)) for c in columns)]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -118,7 +118,7 @@ def hematoma_volumes(rows: Sequence[ScanRow], mask_dir: str | os.PathLike,
             mask_path = masks.find(row.image_path)
             if mask_path is None:
                 raise VolumeLoadError(row.image_path, f"ICH-positive scan has no mask in {mask_dir}")
-            mask, mask_spacing, _, _ = read_mask(mask_path)
+            mask, mask_spacing, _, _, _ = read_mask(mask_path)
             image, meta = load_image_file(row.image_path)
         except VolumeLoadError as error:
             problems.append(Problem(error.path, error.reason, row.csv, row.row))
@@ -158,7 +158,7 @@ def patient_strata(rows: Sequence[ScanRow], volumes: Mapping[Path, float] | None
 
 
 def _test_quota(sizes: Mapping[str, int], n_test: int) -> dict[str, int]:
-    """Test patients per stratum, proportional to its size (largest remainder; ties by stratum order)."""
+    """Test patients per stratum, proportional to its size (largest remainder; ties by stratum name)."""
     total = sum(sizes.values())
     exact = {s: n * n_test / total for s, n in sizes.items()}
     quota = {s: int(math.floor(v)) for s, v in exact.items()}

@@ -82,7 +82,11 @@ def test_cv_summary_has_every_fold_and_mean_sd(cv_run):
             assert stats["sd"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
     best = [json.loads(sorted((out / f"fold_{k}").glob("training_summary_*.json"))[-1].read_text())["best_metrics"]
             for k in (0, 1)]
-    assert [r["val_dice"] for r in summary["per_fold"]] == pytest.approx([b["val_dice"] for b in best])
+    # Every column is the trainer's own best-epoch number (a renamed key would otherwise show up as n/a).
+    for row, metrics in zip(summary["per_fold"], best):
+        for key, _ in crossval.CV_METRICS:
+            assert key in metrics, key
+            assert row[key] == pytest.approx(metrics[key], nan_ok=True), key
     table = (out / "cv_summary.md").read_text()
     assert "| mean ± sd |" in table and "Dice 1 click" in table and "sensitivity" in table
     with open(out / "cv_summary.csv", newline="") as handle:
@@ -117,3 +121,31 @@ def test_fold_flags_that_cannot_work_exit_2(cohort_splits, tmp_path, capsys, cap
     assert "--fold 1 needs --folds_dir" in capsys.readouterr().err
     assert train.main(folds + base + ["--fold", "7"]) == 2
     assert "--fold 7" in caplog.text and "has folds 0, 1" in caplog.text
+
+
+def test_mean_sd_leave_undefined_folds_out_and_the_table_says_n_a():
+    nan = math.nan
+    rows = [{"fold": k, "best_epoch": 1, **{key: nan for key, _ in crossval.CV_METRICS}} for k in range(3)]
+    for row, dice, hd95, specificity in zip(rows, (0.5, 0.6, 0.7), (10.0, nan, 14.0), (nan, nan, nan)):
+        row.update(val_dice=dice, val_hd95_mm=hd95, val_specificity=specificity)
+    stats = crossval.summarize_folds(rows)
+    assert stats["val_dice"] == {"mean": pytest.approx(0.6), "sd": pytest.approx(0.1), "n": 3}
+    assert stats["val_hd95_mm"] == {"mean": pytest.approx(12.0), "sd": pytest.approx(math.sqrt(8)), "n": 2}
+    assert math.isnan(stats["val_specificity"]["mean"]) and stats["val_specificity"]["n"] == 0
+    table = crossval.format_cv_table(rows, stats).splitlines()
+    assert len(table) == 2 + 3 + 1 and table[-1].startswith("| mean ± sd |  | 0.600 ± 0.100 |")
+    assert "| 12.000 ± 2.828 |" in table[-1] and "| n/a ± n/a |" in table[-1]
+    one = crossval.summarize_folds(rows[:1])
+    assert one["val_dice"]["mean"] == pytest.approx(0.5) and math.isnan(one["val_dice"]["sd"])
+
+
+def test_a_fold_is_finished_at_its_epochs_or_after_early_stopping(tmp_path):
+    config = train.build_config(["--folds_dir", str(tmp_path), "--mask_dir", str(tmp_path), *TINY])[0]
+    assert not crossval.is_finished(None, config)
+    assert not crossval.is_finished({"stop_reason": "max_epochs", "epochs_completed": 1}, config)
+    assert crossval.is_finished({"stop_reason": "max_epochs", "epochs_completed": 2}, config)
+    assert crossval.is_finished({"stop_reason": "early_stopping", "epochs_completed": 1}, config)
+    for name in ("training_summary_20240101-120000.json", "training_summary_20240101-120000-2.json",
+                 "training_summary_20231231-235959-9.json"):
+        (tmp_path / name).write_text(json.dumps({"name": name}))
+    assert crossval.latest_summary(tmp_path) == {"name": "training_summary_20240101-120000-2.json"}

@@ -73,3 +73,9 @@ def test_report_md_and_json(tmp_path):
     numbers = json.loads((tmp_path / "report.json").read_text())
     assert numbers["bootstrap"] == {"resamples": report.BOOTSTRAP_RESAMPLES, "confidence": 0.95, "seed": 0}
     assert (tmp_path / "dice_by_volume.png").stat().st_size > 1000
+
+
+def test_numbers_of_the_tables_never_read_minus_zero():
+    assert report.format_number(-0.0001) == "0.000" and report.format_number(-0.004, 2) == "0.00"
+    assert report.format_number(-0.0006) == "-0.001" and report.format_number(12.3456, 2) == "12.35"
+    assert report.format_number(None) == report.format_number(math.nan) == report.format_number(math.inf) == "n/a"

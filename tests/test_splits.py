@@ -116,8 +116,9 @@ def test_cli_names_every_bad_row_and_positive_scan_without_mask(tmp_path, caplog
     (tmp_path / "masks").mkdir()
     (tmp_path / "cohort.csv").write_text("path,ich,patient_id\na.pkl,1,P1\nb.pkl,2,P2\nc.pkl,0,\n")
     assert splits.main(["--csv", str(tmp_path / "cohort.csv"), "--out_dir", str(tmp_path / "out")]) == 1
-    assert "row 2" in caplog.text and "ich must be 0 or 1, got '2'" in caplog.text
-    assert "row 3" in caplog.text and "patient_id is empty" in caplog.text
+    # Rows are counted as the file's lines (the header is row 1), as an editor shows them.
+    assert "row 3: " in caplog.text and "ich must be 0 or 1, got '2'" in caplog.text
+    assert "row 4: " in caplog.text and "patient_id is empty" in caplog.text
     (tmp_path / "cohort.csv").write_text("path,ich,patient_id\na.pkl,1,P1\nb.pkl,1,P2\n")
     assert splits.main(["--csv", str(tmp_path / "cohort.csv"), "--mask_dir", str(tmp_path / "masks"),
                         "--out_dir", str(tmp_path / "out")]) == 1
@@ -132,3 +133,17 @@ def test_list_folds_names_what_is_missing(tmp_path):
         splits.list_folds(tmp_path)
     with pytest.raises(ValueError, match="found folds none"):
         splits.list_folds(tmp_path / "nothing")
+
+
+def test_a_patient_is_positive_when_any_scan_is_and_ranked_by_the_largest_bleed():
+    def row(n, ich, patient):
+        return ScanRow("cohort", "/data/cohort.csv", n + 1, Path(f"/data/{n}.pkl"), ich, patient)
+
+    rows = [row(0, 0, "A"), row(1, 1, "A"), row(2, 1, "B"), row(3, 1, "B"), row(4, 1, "C"), row(5, 0, "D")]
+    volumes = {Path("/data/1.pkl"): 50.0, Path("/data/2.pkl"): 1.0, Path("/data/3.pkl"): 9.0,
+               Path("/data/4.pkl"): 20.0, Path("/data/0.pkl"): 0.0, Path("/data/5.pkl"): 0.0}
+    strata, edges = splits.patient_strata(rows, volumes)
+    assert strata == {"A": "ICH+ large", "B": "ICH+ small", "C": "ICH+ medium", "D": splits.NEGATIVE}
+    assert edges == pytest.approx((9.0 + (20.0 - 9.0) * 2 / 3, 20.0 + (50.0 - 20.0) / 3))
+    result = splits.make_splits(rows, folds=2, test_fraction=0.0, seed=0, volumes=volumes)
+    assert sorted(p for fold in result.folds for p in fold) == ["A", "B", "C", "D"]
