@@ -7,7 +7,7 @@ synthetic cohorts and scores each against a plain MONAI U-Net given the same wal
 For every cohort: generate it (``synthetic.py``, cached in --work_dir), train with ``train.py`` and the README's CPU
 recipe (``RECIPE``), evaluate ``best_model.pth`` with ``predict.py --mask_dir`` on the validation scans in their
 original grid (prompt-free and after 1/3/5 simulated clicks), then train the U-Net of ``bench/unet_baseline.py`` for
-``--unet_budget_s`` seconds and score it the same way. Reported per cohort: Dice on ICH-positive scans, Dice after
+the same wall time (``--unet_budget_s match``; or a fixed number of seconds) and score it the same way. Reported per cohort: Dice on ICH-positive scans, Dice after
 1/3/5 clicks, ICH-negative scans predicted empty (volume <= 0.1 mL), false-positive mL on negatives, mean |volume
 error| on positives, the first validated epoch with Dice > 0.5 (preprocessed grid) and the training wall time.
 Results go to <out>.md (a Markdown table with the command) and <out>.json.
@@ -112,7 +112,7 @@ def _scores(rows: list[dict[str, Any]], clicks: tuple[int, ...]) -> dict[str, An
     return result
 
 
-def bench_cohort(name: str, spec: CohortSpec, work: Path, extra_flags: list[str], unet_budget_s: float,
+def bench_cohort(name: str, spec: CohortSpec, work: Path, extra_flags: list[str], unet_budget_s: str,
                  python: str) -> dict[str, Any]:
     data = work / "cohorts" / name
     if not (data / "val.csv").is_file():
@@ -136,8 +136,9 @@ def bench_cohort(name: str, spec: CohortSpec, work: Path, extra_flags: list[str]
             **_scores(_read_rows(run_dir / "val_predictions" / "metrics.csv"), (1, 3, 5))}
     logger.info("%s: ichseg %s", name, ours)
     result: dict[str, Any] = {"cohort": name, "description": spec.description, "ours": ours}
-    if unet_budget_s > 0:
-        unet = train_unet(files[1], files[3], files[5], work / "runs" / f"{name}-unet", unet_budget_s)
+    budget = train_s if unet_budget_s == "match" else float(unet_budget_s)
+    if budget > 0:
+        unet = train_unet(files[1], files[3], files[5], work / "runs" / f"{name}-unet", budget)
         result["unet"] = {"train_s": unet["train_s"], "steps": unet["steps"], **_scores(unet["rows"], ())}
         logger.info("%s: U-Net %s", name, result["unet"])
     return result
@@ -179,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learning_bench")
     parser.add_argument("--extra_flags", default="", help="appended to the recipe, e.g. '--no-mask_refiner'")
     parser.add_argument("--label", default="", help="names a variant in the table title")
-    parser.add_argument("--unet_budget_s", type=float, default=300.0, help="0 skips the U-Net baseline")
+    parser.add_argument("--unet_budget_s", default="match",
+                        help="the U-Net's training budget in seconds: 'match' (default) gives it the wall time ichseg's "
+                             "training took on that cohort, 300 is the learning anchors' budget, 0 skips it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.work_dir.mkdir(parents=True, exist_ok=True)

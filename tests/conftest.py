@@ -10,6 +10,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def pytest_collection_modifyitems(items):
+    """With pytest-xdist (pytest.ini: ``-n auto --dist loadgroup``) every test that reads the shared training run
+    goes to one worker, so that run is trained once, not once per worker."""
+    for item in items:
+        if "trained_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("trained_run"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """Tests run tiny models whose ops are too small to split across threads; on a 2-core CI machine two torch
