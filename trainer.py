@@ -4,7 +4,8 @@ fit → on_fit_start (resume, tracking) → for each epoch: train_epoch → vali
 on_epoch_end (schedule, checkpoints, early stopping, logs) → on_fit_end (summary).
 
 What a step computes (prompted forward, loss) lives in ``objective.py``; how the optimiser is set up and steered
-(learning-rate groups, schedules, early stopping) in ``optimization.py``.
+(learning-rate groups, schedules, early stopping) in ``optimization.py``; the validation pass in ``evaluation.py``;
+the collectives of a torchrun job in ``distributed.py``.
 """
 from __future__ import annotations
 
@@ -19,19 +20,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 import guards
-import metrics
 import reporting
 import tracking
 import utils
 from config import Config
 from data.preprocess import Preprocessing
-from inference import (SIMULATED_CLICKS, autocast_context, choose_amp_dtype, simulated_click_logits,
-                       sliding_window_logits)
+from inference import autocast_context, choose_amp_dtype
+from distributed import RankGroup
+from evaluation import evaluate
 from memory import MemoryMonitor
 from model import export_encoder, load_trained_weights, read_trained_checkpoint
 from objective import PromptedSegmentation, SegmentationLoss
@@ -89,6 +89,7 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
+        self.ranks = RankGroup(world_size, device)
         self.set_loader_epoch = set_loader_epoch or (lambda loader, epoch: None)
         self.extra_summary = extra_summary or {}
         t = config.train
@@ -292,7 +293,7 @@ class Trainer:
         bar.close()
         mean_loss = progress.loss_sum / progress.loss_count if progress.loss_count else math.nan
         elapsed = time.time() - started
-        return {"train_loss": self._all_reduce_mean(mean_loss), "epoch_time_s": elapsed,
+        return {"train_loss": self.ranks.mean(mean_loss), "epoch_time_s": elapsed,
                 "data_time_s": data_time, "compute_time_s": compute_time,
                 "data_wait_fraction": data_time / elapsed if elapsed > 0 else 0.0,
                 "nonfinite_skipped": progress.nonfinite_skipped, "oom_skipped": progress.oom_skipped}
@@ -309,7 +310,7 @@ class Trainer:
             # A host sync per micro-batch, accepted so that a NaN never reaches the weights. Under DDP the skip is
             # decided together: a rank that skipped backward while the others ran it would pair its next
             # gradient all-reduce with their current one (silently mixed gradients, then a hang or a crash).
-            if not self._all_ranks_true(bool(torch.isfinite(loss))):
+            if not self.ranks.all_true(bool(torch.isfinite(loss))):
                 self._on_nonfinite_loss(batch)
                 return None
             self.consecutive_nonfinite = 0
@@ -380,57 +381,19 @@ class Trainer:
         every = self.config.train.val_every
         return (epoch + 1) % every == 0 or epoch + 1 == self.config.train.epochs
 
-    @torch.no_grad()
     def validate(self, epoch: int) -> dict[str, Any]:
-        """Whole-volume sliding-window validation: prompt-free Dice, Dice after 1, 3 and 5 simulated clicks,
-        HD95, volume error (mL), detection sensitivity/specificity."""
-        self.model.eval()
-        spacing = self.preprocessing.target_spacing
-        rows: list[dict[str, Any]] = []
-        click_rows: dict[int, list[dict[str, Any]]] = {k: [] for k in SIMULATED_CLICKS}
+        """Whole-volume validation of the current model (``evaluation.evaluate``); rank 0 may save an overlay."""
         log_images = (self.config.log.log_images and self.is_main
                       and (epoch + 1) % self.config.log.log_freq == 0)
-        overlay_saved = False
-        for batch in tqdm(self.val_loader, desc="validation", disable=None if self.is_main else True,
-                          leave=False):
-            image = batch["image"].to(self.device)
-            label = batch["label"].to(self.device)
-            logits = sliding_window_logits(self.model, image, self.roi_size, self.amp_dtype)
-            loss, _ = self.loss_fn([logits], None, label)
-            prediction = logits > 0
-            case_id = str(batch.get("case_id", [len(rows)])[0])
-            rows.append({"case_id": case_id, "loss": float(loss),
-                         **metrics.segmentation_metrics(prediction.cpu(), label.cpu(), spacing)})
-            clicked = simulated_click_logits(self.model, image, label, logits, self.roi_size, self.amp_dtype)
-            for clicks, refined in clicked.items():
-                click_rows[clicks].append({"case_id": case_id,
-                                           **metrics.segmentation_metrics((refined > 0).cpu(), label.cpu(),
-                                                                          spacing)})
-            if log_images and not overlay_saved and bool(label.any()):
-                self._save_overlay(epoch, batch, image, label, prediction)
-                overlay_saved = True
-        self.model.train()
-        rows = self._gather_cases(rows)
-        summary = metrics.summarize(rows)
-        result = {
-            "val_loss": float(sum(r["loss"] for r in rows) / len(rows)) if rows else math.nan,
-            # The headline Dice is over ICH-positive scans: with the 1-or-0 convention on empty scans, an all-empty
-            # model scores the negative-scan fraction on all scans and was picked as "best" on small cohorts.
-            # Negatives are judged by specificity and false-positive volume; the all-scan figure is val_dice_all.
-            "val_dice": _headline_dice(summary),
-            "val_dice_all": summary["dice"],
-        }
-        for clicks in SIMULATED_CLICKS:
-            click_summary = metrics.summarize(self._gather_cases(click_rows[clicks]))
-            result[f"val_dice_{clicks}click"] = _headline_dice(click_summary)
-        result.update({
-            "val_hd95_mm": summary["hd95_mm"],
-            "val_volume_abs_error_ml": summary["volume_abs_error_ml"],
-            "val_negative_fp_ml": summary["negative_fp_ml"],
-            "val_sensitivity": summary["sensitivity"],
-            "val_specificity": summary["specificity"],
-        })
-        return result
+        on_positive = (lambda batch, image, label, prediction:
+                       self._save_overlay(epoch, batch, image, label, prediction)) if log_images else None
+        self.model.eval()
+        try:
+            return evaluate(self.model, self.val_loader, self.device, self.roi_size, self.amp_dtype, self.loss_fn,
+                            self.preprocessing.target_spacing, self.ranks, progress=self.is_main,
+                            on_first_positive=on_positive)
+        finally:
+            self.model.train()
 
     def _save_overlay(self, epoch: int, batch: dict[str, Any], image: torch.Tensor, label: torch.Tensor,
                       prediction: torch.Tensor) -> None:
@@ -441,45 +404,11 @@ class Trainer:
                                    prediction[0, 0].cpu().numpy(), path, f"epoch {epoch + 1}: {case}")
         self.tracker.log_image("val/overlay", path, step=epoch + 1)
 
-    # ---------------------------------------------------------------------------------------- distributed glue
-    def _gather(self, values: list[Any]) -> list[Any]:
-        if self.world_size == 1:
-            return values
-        gathered: list[list[Any]] = [[] for _ in range(self.world_size)]
-        dist.all_gather_object(gathered, values)
-        return [v for part in gathered for v in part]
-
-    def _gather_cases(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """All ranks' per-scan rows, each ``case_id`` once: the validation DistributedSampler repeats a few scans
-        to even the shards when len(val) is not a multiple of the world size. Same order on every rank."""
-        unique: dict[str, dict[str, Any]] = {}
-        for row in self._gather(rows):
-            unique.setdefault(row["case_id"], row)
-        return list(unique.values())
-
-    def _all_ranks_true(self, flag: bool) -> bool:
-        """``flag`` AND-ed over the ranks (the flag itself with one process)."""
-        if self.world_size == 1:
-            return flag
-        tensor = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-        return bool(tensor.item())
-
     def _stop_requested(self) -> bool:
         """Whether a stop signal arrived on any rank. torchrun forwards a signal to every worker, but not at the
         same instant: a rank that stopped one step before the others would leave them waiting in an all-reduce."""
-        if self.world_size > 1:
-            tensor = torch.tensor([self._stop_signal or 0], dtype=torch.int32, device=self.device)
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-            self._stop_signal = int(tensor.item()) or None
+        self._stop_signal = self.ranks.max_int(self._stop_signal or 0) or None
         return self._stop_signal is not None
-
-    def _all_reduce_mean(self, value: float) -> float:
-        if self.world_size == 1 or math.isnan(value):
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return float(tensor.item()) / self.world_size
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def checkpoint_state(self) -> dict[str, Any]:
@@ -573,11 +502,6 @@ class Trainer:
         raise TrainingInterrupted(
             f"stopped by {signal.Signals(self._stop_signal).name}; state saved to "
             f"{self.output_dir / LATEST_NAME}. Resume with the same command plus --resume auto")
-
-
-def _headline_dice(summary: dict[str, float]) -> float:
-    """Mean Dice over ICH-positive scans, or over all scans when the set has no positive scan."""
-    return summary["dice"] if math.isnan(summary["dice_positive"]) else summary["dice_positive"]
 
 
 def _fmt(value: float | None) -> str:
