@@ -101,10 +101,17 @@ def check_training_run(config: Config) -> None:
             shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
             raise RunGuardError(f"--output_dir {output_dir} already holds a training run ({shown}): continue it with "
                                 "--resume auto, replace it with --overwrite, or choose another --output_dir")
+    check_folders(config)
+    check_resume_file(config)
+
+
+def check_folders(config: Config) -> None:
+    """--output_dir and --cache_dir (default ``<output_dir>/cache``) must be usable folders (``usable_folder``);
+    also what cross-validation checks before its folds (each fold's run then passes ``check_training_run``)."""
+    output_dir = Path(config.train.output_dir).expanduser()
     usable_folder(output_dir, "--output_dir")
     usable_folder(config.data.cache_dir if config.data.cache_dir is not None else output_dir / "cache",
                   "--cache_dir")
-    check_resume_file(config)
 
 
 # -------------------------------------------------------------------------------------------------------- resume

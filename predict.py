@@ -42,7 +42,7 @@ import reporting
 import utils
 from config import Config
 from data.cohort import read_scan_csv
-from data.geometry import load_mask_for_image
+from data.geometry import label_findings, load_mask_for_image
 from data.io import (IMAGE_SUFFIXES, MaskIndex, VolumeLoadError, case_id_from_path, in_image_axes, is_image_file,
                      load_image_file, looks_preprocessed, matching_axes, read_mask_header, resolve_spacing)
 from data.preprocess import Preprocessing, preprocess_image, resample_to_shape
@@ -339,6 +339,10 @@ def _predict_scan(scan: ScanInput, config: PredictConfig, predictor: Predictor, 
             if not orientation.is_identity:
                 logger.warning("%s: mask %s brought into the image's grid (%s)", scan.path, mask_path.name,
                                orientation.describe())
+            off_blood = label_findings(image, truth) if not_raw is None else None  # HU rules need raw HU
+            if off_blood is not None:  # training's validator refuses such a mask; here its metrics are suspect
+                logger.warning("%s: %s (mask %s: another scan or orientation?), so its metrics are unreliable",
+                               scan.path, off_blood, mask_path.name)
         elif config.mask_dir and scan.ich == 1:
             logger.warning("%s: ICH-positive in the CSV but no mask in %s; not evaluated", scan.path,
                            config.mask_dir)

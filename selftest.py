@@ -33,6 +33,7 @@ SELFTEST_EPOCHS = 30
 SELFTEST_VAL_EVERY = 3
 # Validation Dice on ICH-positive scans the tiny model must reach.
 SELFTEST_MIN_DICE = 0.25
+CLICK_TOLERANCE = 0.02
 EXPECTED_FILES = ("best_model.pth", "latest_model.pth", "sam_encoder.pth", "config.json", "metrics.csv",
                   "learning_curves.png", "train.log", "dataset_stats.json")
 
@@ -87,6 +88,7 @@ def run_self_test(base: Config, run_training: RunTraining) -> int:
             checks.append(Check("learning", learned, f"val Dice on ICH-positive scans {first:.3f} after epoch "
                                                      f"{validated[0]['epoch'] if validated else '?'} -> best "
                                                      f"{best:.3f} (needs >= {SELFTEST_MIN_DICE})"))
+            checks.append(_clicks_check(validated, summary["best_val_dice"]))
             _run_check(checks, "output files", lambda: _check_files(output_dir))
             _run_check(checks, "encoder export", lambda: blip2.check_encoder_export(
                 output_dir / "sam_encoder.pth", output_dir / "best_model.pth"))
@@ -106,6 +108,18 @@ def run_self_test(base: Config, run_training: RunTraining) -> int:
                                                       f"{resumed['epochs_completed'] if resumed else '?'}"))
     print(format_report("ichseg self-test report", checks, time.time() - started), file=sys.stdout, flush=True)
     return 0 if all_passed(checks) else 1
+
+
+def _clicks_check(validated: list[dict], best_dice: float | None) -> Check:
+    """At the best epoch, clicks must help, not hurt: Dice after 1 click >= prompt-free, after 5 >= after 1 (within
+    CLICK_TOLERANCE: one voxel of a small bleed moves Dice by about that much)."""
+    best = next((h for h in validated if h["val_dice"] == best_dice), None)
+    if best is None or not best_dice:
+        return Check.skip("clicks", "no validated epoch with a positive Dice to compare clicks at")
+    free, one, five = best["val_dice"], best["val_dice_1click"], best["val_dice_5click"]
+    helped = one >= free - CLICK_TOLERANCE and five >= one - CLICK_TOLERANCE
+    return Check("clicks", helped, f"val Dice at epoch {best['epoch']}: prompt-free {free:.3f}, 1 click {one:.3f}, "
+                                   f"3 clicks {best['val_dice_3click']:.3f}, 5 clicks {five:.3f}")
 
 
 def _check_files(output_dir: Path) -> str:

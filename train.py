@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -146,12 +146,12 @@ def run_training(config: Config, config_warnings: Sequence[str] = ()) -> tuple[i
             dist.destroy_process_group()
 
 
-def _refuse_before_work(config: Config) -> int | None:
+def _refuse_before_work(config: Config, check: Callable[[Config], None] = guards.check_training_run) -> int | None:
     """The exit code when the run must not start (``guards.check_training_run``: an unusable folder, a run that
     would be overwritten, a --resume checkpoint that does not fit), after logging why in one line; None to go on.
     Runs on every rank before any of them writes, so all of them stop together."""
     try:
-        guards.check_training_run(config)
+        check(config)
     except (guards.RunGuardError, CheckpointError) as error:
         utils.setup_logging(None)  # the console only: nothing may be written into a folder that was refused
         logger.error("%s", error)
@@ -168,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.test:
         return run_self_test(config, run_training)
     if config.data.folds_dir is not None:
+        refusal = _refuse_before_work(config, guards.check_folders)  # crossval writes into --output_dir first
+        if refusal is not None:
+            return refusal
         code, _ = run_cross_validation(config, warnings, run_training)
         return code
     code, _ = run_training(config, warnings)

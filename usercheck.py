@@ -213,6 +213,8 @@ class UserRunCheck:
                                                      if more > 0 else [])
             raise CheckFailed(f"{len(problems)} problem(s); fix them all, then rerun:\n" + "\n".join(shown)) \
                 from error
+        for warning in self.cohort.warnings:  # the validator returns its warnings; the caller shows them
+            logger.warning("data: %s", warning)
         train, val = self.cohort.train, self.cohort.val
         return (f"{len(train)} training ({sum(c.ich for c in train)} ICH-positive) and {len(val)} validation "
                 f"scans; {len(self.cohort.warnings)} warning(s){' (logged)' if self.cohort.warnings else ''}")

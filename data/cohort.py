@@ -19,7 +19,8 @@ import pandas as pd
 
 from config import DataConfig
 from data.budget import cache_bytes, cache_problem, preprocessing_problem, reading_problem
-from data.geometry import OVERRIDE_FLAG, MaskOrientation, align_mask, label_problem, orient_mask
+from data.geometry import (OVERRIDE_FLAG, MaskOrientation, align_mask, label_findings, label_problem,
+                           orient_mask)
 from data.io import (MaskIndex, VolumeLoadError, case_id_from_path, content_digest, in_image_axes,
                      looks_preprocessed, mask_key, read_image, read_mask, resolve_spacing)
 from data.normalization import NORMALIZATIONS
@@ -235,11 +236,14 @@ def _inspect_row(row: ScanRow, masks: MaskIndex | None, data_config: DataConfig)
     if mask is not None and was_255:
         found.mask_255 = str(mask_path)
     if row.ich == 1 and blood > 0:
-        unusual = label_problem(volume, mask)
-        if unusual is not None and data_config.allow_unusual_masks:
-            found.warnings.append(f"{mask_path}: {unusual.split('. It probably')[0]} (kept: {OVERRIDE_FLAG})")
-        elif unusual is not None:
-            problem(mask_path, unusual)
+        if data_config.allow_unusual_masks:
+            unusual = label_findings(volume, mask)
+            if unusual is not None:
+                found.warnings.append(f"{mask_path}: {unusual} (kept: {OVERRIDE_FLAG})")
+        else:
+            unusual = label_problem(volume, mask)
+            if unusual is not None:
+                problem(mask_path, unusual)
     if row.ich is None or not row.patient_id or found.problems:
         return found
 

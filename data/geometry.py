@@ -151,9 +151,9 @@ def load_mask_for_image(path: str | os.PathLike, image_shape: Sequence[int], ima
     return orient_mask(mask, alignment.orientation), alignment.orientation
 
 
-def label_problem(volume: np.ndarray, mask: np.ndarray) -> str | None:
-    """Why an ICH-positive mask (in the image's grid, not empty) does not look like hemorrhage in the raw-HU
-    ``volume``: too much of it in air or bone, or a median HU outside ``BLOOD_MEDIAN_HU``; None when it does."""
+def label_findings(volume: np.ndarray, mask: np.ndarray) -> str | None:
+    """What an ICH-positive mask (in the image's grid) marks that is not hemorrhage in the raw-HU ``volume``, as
+    "the mask does not lie on blood: ..." without advice (``predict.py`` warns with it); None when it looks right."""
     values = volume[mask > 0]
     if values.size == 0:
         return None
@@ -168,7 +168,14 @@ def label_problem(volume: np.ndarray, mask: np.ndarray) -> str | None:
         found.append(f"{100 * bone:.0f} % of its voxels are bone (> {BONE_ABOVE_HU:g} HU)")
     if not low <= median <= high:
         found.append(f"its median is {median:.0f} HU where blood is {low:g}-{high:g} HU")
-    if not found:
+    return f"the mask does not lie on blood: {'; '.join(found)}" if found else None
+
+
+def label_problem(volume: np.ndarray, mask: np.ndarray) -> str | None:
+    """``label_findings`` with the validator's advice: why an ICH-positive mask (in the image's grid, not empty)
+    does not look like hemorrhage (too much of it in air or bone, or a median HU outside ``BLOOD_MEDIAN_HU``)."""
+    findings = label_findings(volume, mask)
+    if findings is None:
         return None
-    return (f"the mask does not lie on blood: {'; '.join(found)}. It probably belongs to another scan or "
-            f"orientation; if it is right (e.g. chronic, hypodense blood), pass {OVERRIDE_FLAG}")
+    return (f"{findings}. It probably belongs to another scan or orientation; if it is right (e.g. chronic, "
+            f"hypodense blood), pass {OVERRIDE_FLAG}")

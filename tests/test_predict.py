@@ -237,3 +237,44 @@ def test_unusable_output_dir_is_one_line(tmp_path, caplog, case):
                          "--output_dir", str(target)]) == 2
     [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert line.startswith(f"--output_dir {target} ") and "is a file" in line
+
+
+def untrained_tiny_checkpoint(path):
+    """A checkpoint of the tiny model as train.py writes it, untrained (predict's checks need no trained model)."""
+    import dataclasses
+
+    from config import Config, ModelConfig
+    from model import build_model
+
+    config = Config(model=ModelConfig(name="tiny"))
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, target_spacing=(3.0, 3.0, 3.0)))
+    torch.save({"model_state_dict": build_model(config.model).state_dict(), "config": config.to_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize("where", ["blood", "air"])
+def test_evaluation_mask_that_does_not_lie_on_blood_is_warned(tmp_path, caplog, where):
+    # Training's validator refuses such a mask; predict evaluates against it but says its metrics are suspect.
+    image = np.full((40, 40, 12), -1000, dtype=np.int16)
+    image[5:35, 5:35, 2:10] = 35                     # brain
+    image[10:16, 10:16, 4:8] = 70                    # blood
+    mask = np.zeros(image.shape, dtype=np.uint8)
+    if where == "blood":
+        mask[10:16, 10:16, 4:8] = 1
+    else:
+        mask[0:4, 0:6, 0:4] = 1                      # outside the head: another scan's or orientation's mask
+    scan = tmp_path / "scans" / "321.pkl"
+    scan.parent.mkdir()
+    scan.write_bytes(pickle.dumps({"image": image, "spacing": (3.0, 3.0, 3.0)}))
+    (tmp_path / "masks").mkdir()
+    nib.save(nib.Nifti1Image(mask, np.diag([3.0, 3.0, 3.0, 1.0])), tmp_path / "masks" / "321.nii.gz")
+    assert predict.main(["--checkpoint", str(untrained_tiny_checkpoint(tmp_path / "best_model.pth")), "--input",
+                         str(scan), "--mask_dir", str(tmp_path / "masks"), "--output_dir", str(tmp_path / "out"),
+                         "--device", "cpu"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "does not lie on blood" in r.getMessage()]
+    if where == "blood":
+        assert not warned
+    else:
+        [line] = warned
+        assert line.startswith(f"{scan}: the mask does not lie on blood: 100 % of its voxels are air")
+        assert "321.nii.gz" in line and "metrics are unreliable" in line and "\n" not in line

@@ -356,6 +356,21 @@ def test_unusable_output_or_cache_dir_is_one_line_before_any_work(small_cohort, 
             "cache_is_file": "is a file, not a folder"}[case] in line
 
 
+
+@pytest.mark.parametrize("flag", ["--output_dir", "--cache_dir"])
+def test_cross_validation_checks_its_folders_before_any_write(tmp_path, monkeypatch, caplog, flag):
+    # run_cross_validation creates --output_dir and its cv.log first: a file there was a FileExistsError traceback.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    (tmp_path / "folds").mkdir()
+    target = blocker if flag == "--output_dir" else blocker / "cache"
+    folders = {"--output_dir": str(tmp_path / "cv"), "--cache_dir": str(tmp_path / "cache"), flag: str(target)}
+    monkeypatch.setattr(train, "run_cross_validation", lambda *a: pytest.fail("cross-validation before the check"))
+    assert train.main(["--folds_dir", str(tmp_path / "folds"), "--mask_dir", str(tmp_path), "--model", "tiny",
+                       "--device", "cpu", *[x for pair in folders.items() for x in pair]]) == 2
+    [line] = error_lines(caplog)
+    assert line.startswith(f"{flag} {target} ") and str(blocker) in line and "\n" not in line
+
 def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_says_what_to_free(small_cohort, tmp_path,
                                                                                     monkeypatch, caplog):
     out = tmp_path / "run"
