@@ -21,6 +21,7 @@ import torch
 
 import data.budget
 import data.cohort
+import data.geometry
 import data.loaders
 import data.transforms
 import dataloader as D
@@ -1021,3 +1022,15 @@ def test_dataset_statistics(cohort_dir):
     table = D.format_stats_table(stats)
     assert "train         4      2      2         3" in table
     assert "hemorrhage mL (3 scans with blood)" in table and "HU percentiles" in table
+
+
+def test_a_subdural_crescent_against_the_skull_is_blood_despite_its_partial_volume_rim():
+    volume = np.full((40, 40, 10), 30.0, dtype=np.float32)   # brain
+    volume[:, :4] = 1200.0                                   # skull
+    mask = np.zeros(volume.shape, dtype=np.uint8)
+    mask[5:35, 4:8, 2:8] = 1                                 # a 4-voxel-thick crescent right against it
+    volume[mask > 0] = 70.0
+    volume[5:35, 4, 2:8] = 550.0                             # partial volume of the skull on its edge: 25 %
+    assert data.geometry.label_findings(volume, mask) is None
+    shifted = np.roll(mask, -4, axis=1)                      # the same mask moved into the skull
+    assert "bone" in data.geometry.label_findings(volume, shifted)
