@@ -306,7 +306,7 @@ class Config:
         if effective > 128:
             warnings.append(f"effective batch {effective} (batch_size x accumulation) is unusually large for "
                             "fine-tuning; consider a smaller --gradient_accumulation_steps")
-        if t.lr > 1e-3:
+        if t.lr > 1e-3 and m.pretrained_checkpoint is not None:
             warnings.append(f"--lr {t.lr} is high for fine-tuning a pretrained model (typical: 1e-5 .. 2e-4)")
         if m.name == "sam_med3d_turbo" and m.pretrained_checkpoint is None and not self.test:
             warnings.append("training sam_med3d_turbo from scratch (--pretrained_checkpoint none): 100M parameters "

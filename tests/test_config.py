@@ -150,12 +150,17 @@ def test_cli_exits_2_with_one_line_per_problem(tmp_path, capsys):
     (["--use_mixed_precision", "--device", "cpu"], "no effect on CPU"),
     (["--patience", "20", "--epochs", "10"], "early stopping can never trigger"),
     (["--batch_size", "16", "--gradient_accumulation_steps", "16"], "effective batch 256"),
-    (["--lr", "0.01"], "high for fine-tuning"),
+    (["--lr", "0.01", "--model", "sam_med3d_turbo"], "high for fine-tuning"),
     (["--normalization", "sam_med3d", "--hu_window", "0", "100"], "--hu_window is not used"),
 ])
 def test_risky_settings_warn(cohort_files, flags, fragment):
     _, warnings = build_config(cohort_files + ["--model", "tiny"] + flags)
     assert any(fragment in w for w in warnings), warnings
+
+
+def test_a_high_rate_from_scratch_is_not_called_fine_tuning(cohort_files):
+    _, warnings = build_config(cohort_files + ["--model", "tiny", "--lr", "0.01"])
+    assert not any("fine-tuning" in w for w in warnings), warnings
 
 
 def test_every_flag_has_help():
