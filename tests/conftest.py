@@ -10,6 +10,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups into the node ids
 def pytest_collection_modifyitems(items):
     """With pytest-xdist (pytest.ini: ``-n auto --dist loadgroup``) a test file runs in one worker, so its
     module-scoped fixtures (trained models, cohorts) are built once, and every test that reads the shared training
