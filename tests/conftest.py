@@ -10,16 +10,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups into the node ids
-def pytest_collection_modifyitems(items):
-    """With pytest-xdist (pytest.ini: ``-n auto --dist loadgroup``) a test file runs in one worker, so its
-    module-scoped fixtures (trained models, cohorts) are built once, and every test that reads the shared training
-    run goes to one worker, so that run is trained once, not once per worker."""
-    for item in items:
-        uses_shared_run = "trained_run" in getattr(item, "fixturenames", ())
-        item.add_marker(pytest.mark.xdist_group("trained_run" if uses_shared_run else item.nodeid.split("::")[0]))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """Tests run tiny models whose ops are too small to split across threads; on a 2-core CI machine two torch
