@@ -34,6 +34,7 @@ from synthetic import Appearance, generate_cohort  # noqa: E402
 from unet_baseline import train_unet  # noqa: E402
 
 import metrics  # noqa: E402
+from report import format_number  # noqa: E402
 import utils  # noqa: E402
 
 logger = logging.getLogger("ichseg.learning_bench")
@@ -144,12 +145,6 @@ def bench_cohort(name: str, spec: CohortSpec, work: Path, extra_flags: list[str]
     return result
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
 def markdown(results: list[dict[str, Any]], command: str, label: str) -> str:
     lines = [f"# Learning benchmark{f' — {label}' if label else ''}", "",
              f"Command: `{command}`  ", f"Recipe (train.py): `{shlex.join(RECIPE)}`  ",
@@ -160,15 +155,15 @@ def markdown(results: list[dict[str, Any]], command: str, label: str) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         o = r["ours"]
-        lines.append(f"| {r['cohort']} | ichseg tiny | {o['train_s']:.0f} s ({o['epochs']} ep) | {_fmt(o['dice'])} | "
-                     f"{_fmt(o['dice_1click'])} / {_fmt(o['dice_3click'])} / {_fmt(o['dice_5click'])} | "
-                     f"{o['negatives_empty']} | {_fmt(o['fp_ml'], 2)} | {_fmt(o['volume_error_ml'], 2)} | "
+        lines.append(f"| {r['cohort']} | ichseg tiny | {o['train_s']:.0f} s ({o['epochs']} ep) | {format_number(o['dice'])} | "
+                     f"{format_number(o['dice_1click'])} / {format_number(o['dice_3click'])} / {format_number(o['dice_5click'])} | "
+                     f"{o['negatives_empty']} | {format_number(o['fp_ml'], 2)} | {format_number(o['volume_error_ml'], 2)} | "
                      f"{o['first_epoch_dice_over_0.5'] or 'never'} |")
         if "unet" in r:
             u = r["unet"]
             lines.append(f"| {r['cohort']} | MONAI U-Net | {u['train_s']:.0f} s ({u['steps']} steps) | "
-                         f"{_fmt(u['dice'])} | – | {u['negatives_empty']} | {_fmt(u['fp_ml'], 2)} | "
-                         f"{_fmt(u['volume_error_ml'], 2)} | – |")
+                         f"{format_number(u['dice'])} | – | {u['negatives_empty']} | {format_number(u['fp_ml'], 2)} | "
+                         f"{format_number(u['volume_error_ml'], 2)} | – |")
     lines += ["", "Cohorts:"] + [f"- **{r['cohort']}**: {r['description']}" for r in results]
     return "\n".join(lines) + "\n"
 
