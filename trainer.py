@@ -43,6 +43,8 @@ CHECKPOINT_FORMAT_VERSION = 1
 LATEST_NAME = "latest_model.pth"
 BEST_NAME = "best_model.pth"
 ENCODER_NAME = "sam_encoder.pth"
+# Epochs between learning-curve redraws when no validation ran (see on_epoch_end).
+PLOT_EVERY = 10
 
 
 class NonFiniteLossError(RuntimeError):
@@ -191,7 +193,10 @@ class Trainer:
                 self.save_checkpoint(self.output_dir / f"checkpoint_epoch_{epoch + 1:04d}.pth")
                 utils.cleanup_checkpoints(self.output_dir, self.config.train.keep_checkpoints)
             reporting.write_metrics_csv(self.output_dir / "metrics.csv", self.history)
-            reporting.plot_learning_curves(self.history, self.output_dir / "learning_curves.png")
+            # Drawing costs ~1 s of CPU (matplotlib), as much as a tiny-build epoch: redraw when validation added
+            # points, at the end, and every PLOT_EVERY epochs in between.
+            if val_stats or epoch + 1 == self.config.train.epochs or (epoch + 1) % PLOT_EVERY == 0:
+                reporting.plot_learning_curves(self.history, self.output_dir / "learning_curves.png")
             self.tracker.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=epoch + 1)
         self.eta.update(record["epoch_time_s"], val_stats.get("val_time_s"))
         remaining = self.eta.eta_seconds(self.config.train.epochs - epoch - 1, sum(

@@ -33,6 +33,7 @@ from monai.transforms import (
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RandSpatialCropd,
     SelectItemsd,
     ToDeviced,
     Transform,
@@ -64,6 +65,10 @@ _SCALE_RANGE = 0.1
 _INTENSITY_SCALE = 0.1
 _INTENSITY_SHIFT = 0.1
 _NOISE_STD = 0.05
+# Training crops put their chosen voxel anywhere within ±roi/4 of the window centre (a crop of roi + roi/2, then a
+# random roi sub-crop): the ViT's learned position embeddings otherwise tie hemorrhage to the window centre, while
+# sliding-window inference shows bleeds at every position of a window (see bench/results/learning_bench.md).
+CENTRE_JITTER_FRACTION = 0.25
 
 
 def cache_key(case: Case, preprocessing: Preprocessing) -> str:
@@ -182,7 +187,8 @@ class CropIndicesd(MapTransform):
 class RandHemorrhageCropd(RandCropByPosNegLabeld):
     """One roi³ crop per sample (a dict, not MONAI's list of one): with probability ``pos_fraction`` centred on a
     hemorrhage voxel, otherwise on a head voxel (the indices from CropIndicesd). Centres are moved inwards so the
-    crop stays inside the volume; an axis shorter than roi is taken whole (PadToRoid then pads it with air)."""
+    crop stays inside the volume; an axis shorter than roi is taken whole (PadToRoid then pads it with air).
+    ``build_transforms`` asks for roi + 2·jitter and then takes a random roi sub-crop of it."""
 
     def __init__(self, roi_size: int, pos_fraction: float, keys: tuple[str, ...] = ("image", "label")):
         if not 0.0 <= pos_fraction <= 1.0:
@@ -231,7 +237,8 @@ def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike,
     """Train: train_cached → train_random → finalize; val: val_cached → finalize. Crops are
     ``preprocessing.input_size`` on a side.
 
-    Augmentations each fire with ``augmentation_prob``: a mirror per axis, a small affine (±10° per axis,
+    The crop's chosen voxel (hemorrhage or head) lands anywhere within ±roi/4 of its centre
+    (``CENTRE_JITTER_FRACTION``). Augmentations each fire with ``augmentation_prob``: a mirror per axis, a small affine (±10° per axis,
     ±10 % scale; image bilinear with border padding, label nearest), intensity scale ±10 %, shift ±0.1 and
     Gaussian noise σ 0.05 head-tissue standard deviations (``Preprocessing.intensity_unit``).
 
@@ -241,8 +248,10 @@ def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike,
     keys = ["image", "label"]
     load = LoadPreprocessd(preprocessing, cache_dir)
     to_device = [ToDeviced(keys, device=augment_device)] if augment_device is not None else []
+    jitter = int(roi_size * CENTRE_JITTER_FRACTION)
     train_random = Compose([
-        RandHemorrhageCropd(roi_size, positive_crop_fraction),
+        RandHemorrhageCropd(roi_size + 2 * jitter, positive_crop_fraction),
+        RandSpatialCropd(keys, roi_size=(roi_size,) * 3, random_size=False),
         PadToRoid(roi_size),
         *to_device,
         # No canonical orientation is known (array order is the file's), so every axis may be mirrored.

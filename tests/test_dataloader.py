@@ -873,6 +873,30 @@ def test_crops_are_centred_on_blood_at_the_requested_rate():
     assert np.array_equal(item["image"], image)   # crops own their memory; the cached volume is untouched
 
 
+def test_training_crops_show_blood_anywhere_in_the_central_half_of_the_window(tmp_path):
+    """The ViT learns absolute positions: crops always centred on blood taught it 'blood sits mid-window', which
+    sliding-window inference never promises. The chosen voxel must land within ±roi/4 of the centre, spread out."""
+    image, label = _head_phantom()
+    label[:] = 0
+    label[:, 32, 32, 32] = 1                                  # one blood voxel: its place in the crop is the offset
+    preprocessing = data.transforms.Preprocessing((-100.0, 200.0), "zscore", (2.0, 2.0, 2.0), 16)
+    transforms = data.transforms.build_transforms(preprocessing, tmp_path, positive_crop_fraction=1.0,
+                                                  augmentation_prob=0.0)
+    transforms.train_random.set_random_state(seed=0)
+    item = D.CropIndicesd()({"image": image, "label": label})
+    offsets = []
+    for _ in range(300):
+        out = transforms.train_random(item)
+        assert out["image"].shape == (1, 16, 16, 16)
+        (where,) = np.argwhere(np.asarray(out["label"][0]) > 0)
+        offsets.append(where - 8)
+    offsets = np.array(offsets)
+    jitter = int(16 * data.transforms.CENTRE_JITTER_FRACTION)
+    assert np.abs(offsets).max() <= jitter
+    for axis in range(3):   # every offset in the range occurs, on each axis (uniform: ~33 draws per value)
+        assert set(offsets[:, axis]) == set(range(-jitter, jitter + 1)), (axis, sorted(set(offsets[:, axis])))
+
+
 def test_crop_centres_stay_inside_the_volume_and_short_axes_are_padded_with_air():
     image, label = _head_phantom()
     image, label = image[:, :, :, :10].copy(), label[:, :, :, :10].copy()   # axis 2 shorter than the crop

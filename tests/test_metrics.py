@@ -7,6 +7,7 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 
 import metrics
+import inference
 from inference import Click, apply_clicks, next_click, sliding_window_logits
 
 
@@ -139,6 +140,20 @@ def test_next_click_is_deep_in_the_largest_error_with_the_right_label():
     assert next_click(truth, truth) is None
 
 
+def test_next_click_counts_the_volume_edge_as_border_and_ignores_other_regions():
+    truth = torch.zeros(20, 20, 20)
+    truth[0:7, 0:7, 0:7] = 1                     # missed, in the volume's corner: the edge is border too
+    prediction = torch.zeros(20, 20, 20)
+    prediction[12:20, 12:19, 14:17] = 1          # a smaller false positive elsewhere
+    assert next_click(prediction, truth) == Click((3.0, 3.0, 3.0), True)
+    truth[:] = 0
+    truth[12:20, 12:20, 12:20] = 1               # now the only error is the missed half of a bleed at the far edge
+    prediction[:] = 0
+    prediction[12:20, 12:20, 12:16] = 1
+    click = next_click(prediction, truth)        # the missed part is 8×8×4 (axis 2 from 16 to 19)
+    assert click.positive and click.point[2] in (17.0, 18.0) and 12 <= click.point[0] <= 19
+
+
 def test_a_click_only_moves_the_answer_its_own_way():
     image = torch.zeros(1, 1, 16, 16, 16)
     logits = torch.full_like(image, -5.0)
@@ -153,6 +168,36 @@ def test_a_click_only_moves_the_answer_its_own_way():
 
     refined = apply_clicks(Shrinking(), image, logits, [Click((7, 7, 7), True)], roi_size=16)
     assert torch.equal(refined > 0, logits > 0)  # a hemorrhage click never removes blood
+
+
+def test_a_click_next_to_the_answer_only_changes_it_near_the_click():
+    image = torch.zeros(1, 1, 32, 32, 32)
+    logits = torch.full_like(image, -5.0)
+    logits[..., 8:24, 8:24, 8:24] = 5.0          # a predicted bleed
+
+    class Flooding(_ThresholdModel):
+        """Answers any click by marking the whole window (the over-eager decoder a click must not let through)."""
+        def forward(self, images, points=None, point_labels=None, mask_prompt=None):
+            return {"masks": torch.full_like(images, 5.0 if int(point_labels[0, -1]) == 1 else -5.0)}
+
+    click = Click((16, 16, 25), True)            # one voxel outside the answer's border (axis 2 ends at 23)
+    refined = apply_clicks(Flooding(), image, logits, [click], roi_size=16)
+    added = (refined > 0) & ~(logits > 0)
+    where = torch.nonzero(added[0, 0]).float()
+    radius = max(inference.MIN_CLICK_RADIUS_VOXELS, inference.CLICK_RADIUS_FACTOR * 2.0)  # 2 voxels from the edge
+    assert added.any() and bool(added[0, 0, 16, 16, 25])
+    assert float((where - torch.tensor(click.point)).norm(dim=1).max()) <= radius
+    # The same for a background click just inside the border: it removes near itself, not the whole bleed.
+    inside = Click((16, 16, 22), False)
+    trimmed = apply_clicks(Flooding(), image, logits, [inside], roi_size=16)
+    removed = (logits > 0) & ~(trimmed > 0)
+    gone = torch.nonzero(removed[0, 0]).float()
+    assert bool(removed[0, 0, 16, 16, 22]) and int(removed.sum()) < int((logits > 0).sum()) // 2
+    assert float((gone - torch.tensor(inside.point)).norm(dim=1).max()) <= radius
+    # Deep inside a missed region (no answer anywhere in the window) a click may redo the whole window.
+    empty = torch.full_like(image, -5.0)
+    flooded = apply_clicks(Flooding(), image, empty, [Click((16, 16, 16), True)], roi_size=16)
+    assert int((flooded > 0).sum()) == 16 ** 3   # the click's window, all of it
 
 
 def test_icc_2_1_matches_shrout_and_fleiss():
