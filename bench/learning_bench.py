@@ -7,9 +7,10 @@ synthetic cohorts and scores each against a plain MONAI U-Net given the same wal
 For every cohort: generate it (``synthetic.py``, cached in --work_dir), train with ``train.py`` and the README's CPU
 recipe (``RECIPE``), evaluate ``best_model.pth`` with ``predict.py --mask_dir`` on the validation scans in their
 original grid (prompt-free and after 1/3/5 simulated clicks), then train the U-Net of ``bench/unet_baseline.py`` for
-the same wall time (``--unet_budget_s match``; or a fixed number of seconds) and score it the same way. Reported per cohort: Dice on ICH-positive scans, Dice after
-1/3/5 clicks, ICH-negative scans predicted empty (volume <= 0.1 mL), false-positive mL on negatives, mean |volume
-error| on positives, the first validated epoch with Dice > 0.5 (preprocessed grid) and the training wall time.
+the same wall time (``--unet_budget_s match``; or a fixed number of seconds) and score it the same way. Reported
+per cohort: Dice on ICH-positive scans, Dice after 1/3/5 clicks, ICH-negative scans predicted empty (volume <= 0.1
+mL), false-positive mL on negatives, mean |volume error| on positives, the first validated epoch with Dice > 0.5
+(preprocessed grid) and the training wall time.
 Results go to <out>.md (a Markdown table with the command) and <out>.json.
 """
 from __future__ import annotations
@@ -159,9 +160,10 @@ def markdown(results: list[dict[str, Any]], command: str, label: str) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         o = r["ours"]
-        lines.append(f"| {r['cohort']} | ichseg tiny | {o['train_s']:.0f} s ({o['epochs']} ep) | {format_number(o['dice'])} | "
-                     f"{format_number(o['dice_1click'])} / {format_number(o['dice_3click'])} / {format_number(o['dice_5click'])} | "
-                     f"{o['negatives_empty']} | {format_number(o['fp_ml'], 2)} | {format_number(o['volume_error_ml'], 2)} | "
+        clicks = " / ".join(format_number(o[f"dice_{k}click"]) for k in (1, 3, 5))
+        lines.append(f"| {r['cohort']} | ichseg tiny | {o['train_s']:.0f} s ({o['epochs']} ep) | "
+                     f"{format_number(o['dice'])} | {clicks} | {o['negatives_empty']} | "
+                     f"{format_number(o['fp_ml'], 2)} | {format_number(o['volume_error_ml'], 2)} | "
                      f"{o['first_epoch_dice_over_0.5'] or 'never'} |")
         if "unet" in r:
             u = r["unet"]

@@ -30,8 +30,9 @@ def test_cli_training_learns_on_thick_slices_with_small_bleeds_and_writes_every_
     best = max(validated, key=lambda h: h["val_dice"])
     trace = [(h["epoch"], round(h["val_dice"], 3), round(h["val_dice_1click"], 3), h["val_specificity"])
              for h in validated]
-    # Measured on this cohort (2 CPU cores): Dice on ICH-positive scans 0.72-0.82 from epoch 10 on, both ICH-negative
-    # scans predicted empty at every validation, clicks never worse than prompt-free by more than 0.005.
+    # Measured on this cohort (2 CPU cores) before training crops were placed off-centre: Dice on ICH-positive scans
+    # 0.72-0.82 from epoch 10 on, both ICH-negative scans predicted empty at every validation, clicks never worse than
+    # prompt-free by more than 0.005. With off-centre crops these assertions still hold (fresh-clone CI).
     assert best["val_dice"] >= 0.6, trace
     assert best["val_specificity"] == 1.0 and best["val_negative_fp_ml"] < 0.1, trace
     assert best["val_dice_1click"] >= best["val_dice"] - 0.02, trace
