@@ -2,13 +2,17 @@
 sampling, click rounds and the loss (objective.py), precision (inference.py)."""
 import math
 
+import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
+import objective
 from config import Config, replace_section
 from inference import choose_amp_dtype
 from model import build_tiny
-from objective import PromptedSegmentation, SegmentationLoss, sample_clicks
+from objective import (PromptedSegmentation, SegmentationLoss, _separable_squared_depth, sample_clicks,
+                       squared_depth)
 from optimization import EarlyStopping, build_scheduler, cosine_warmup_factor, group_sizes, parameter_groups
 
 
@@ -130,6 +134,31 @@ def test_empty_target_gets_a_negative_click_and_sampling_is_reproducible():
     b = sample_clicks(target, None, torch.Generator().manual_seed(5))
     assert (a[1] == 0).all()
     assert torch.equal(a[0], b[0])
+
+
+def test_gpu_distance_transform_equals_scipy():
+    # The separable transform (used for crops on a GPU) run on the CPU against scipy's, on shapes with odd sides,
+    # regions touching the volume's edge, an empty region and a full one.
+    generator = torch.Generator().manual_seed(0)
+    blobs = torch.nn.functional.avg_pool3d(torch.rand(3, 1, 9, 14, 11, generator=generator), 3, 1, 1)[:, 0] > 0.5
+    regions = torch.cat([blobs, torch.zeros(1, 9, 14, 11, dtype=torch.bool), torch.ones(1, 9, 14, 11, dtype=torch.bool)])
+    expected = torch.stack([torch.from_numpy(ndimage.distance_transform_edt(np.pad(r.numpy(), 1))[1:-1, 1:-1, 1:-1]
+                                             .astype(np.float32) ** 2) for r in regions])
+    assert torch.allclose(_separable_squared_depth(regions), expected)
+    assert torch.allclose(squared_depth(regions), expected)
+    assert expected[-1].max() == 25  # the full region: depth 5 at the centre of the 9-voxel side (edge = outside)
+
+
+def test_clicks_on_gpu_path_follow_the_same_weights(monkeypatch):
+    # The device path (separable transform) and the CPU path (scipy) give the same click for the same draw.
+    target = torch.zeros(2, 1, 12, 12, 12)
+    target[0, :, 2:9, 3:8, 4:10] = 1
+    prediction = torch.zeros(2, 1, 12, 12, 12, dtype=torch.bool)
+    prediction[1, :, 5:7] = True
+    cpu = sample_clicks(target, prediction, torch.Generator().manual_seed(7))
+    monkeypatch.setattr(objective, "squared_depth", _separable_squared_depth)
+    device_path = sample_clicks(target, prediction, torch.Generator().manual_seed(7))
+    assert torch.equal(cpu[0], device_path[0]) and torch.equal(cpu[1], device_path[1])
 
 
 def test_loss_is_low_for_a_correct_prediction_and_ich_term_is_weighted():
