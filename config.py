@@ -29,8 +29,9 @@ PRETRAINED_DECODER_LR_SCALE = 0.1
 
 
 # Settings added after configs were first saved, with the value that reproduces what those runs did (a saved
-# config without the key predates it): checkpoints from before the mask refiner have none.
-_ABSENT_FROM_OLDER_CONFIGS: dict[str, dict[str, Any]] = {"model": {"mask_refiner": False}}
+# config without the key predates it): checkpoints from before the mask refiner have none, nor dropped components.
+_ABSENT_FROM_OLDER_CONFIGS: dict[str, dict[str, Any]] = {
+    "model": {"mask_refiner": False, "min_component_ml": 0.0}}
 
 
 class ConfigError(ValueError):
@@ -116,6 +117,9 @@ class ModelConfig:
     mask_refiner: bool = _flag(
         "Refine the decoder's masks at full resolution from the image (starts as the identity; off: "
         "--no-mask_refiner).", default=True)
+    min_component_ml: float = _flag(
+        "Prompt-free answers drop connected components smaller than this many mL (0: keep all); clicked answers "
+        "keep what the clicks add.", default=0.3, metavar="ML")
 
 
 @dataclass(frozen=True)
@@ -285,6 +289,8 @@ class Config:
         if m.pretrained_checkpoint not in (None, "turbo", "auto") and not Path(m.pretrained_checkpoint).is_file():
             problems.append(f"--pretrained_checkpoint {m.pretrained_checkpoint}: file not found "
                             "(pass a local .pth path, 'turbo', or 'none' to train from scratch)")
+        if not m.min_component_ml >= 0:
+            problems.append(f"--min_component_ml must be >= 0 mL (0 keeps every component), got {m.min_component_ml}")
         if m.freeze_encoder and m.pretrained_checkpoint is None:
             problems.append("--freeze_encoder needs pretrained weights: without them it would freeze (and export) a "
                             "randomly initialised encoder; drop --pretrained_checkpoint none or --freeze_encoder")

@@ -97,6 +97,29 @@ class Click:
     positive: bool
 
 
+def drop_small_components(logits: torch.Tensor, spacing: Sequence[float], min_ml: float) -> torch.Tensor:
+    """``logits`` (1×1×D×H×W, voxel ``spacing`` in mm) without the foreground components (6-connected, logits > 0)
+    smaller than ``min_ml``: their voxels' logits are negated (the same confidence, now for background), so the
+    probability map and every threshold above 0.5 agree. The input itself when ``min_ml`` <= 0 or nothing is dropped.
+
+    Prompt-free answers only: a component a user's click produced is the user's decision. scipy labels the
+    components (MONAI's RemoveSmallObjects needs scikit-image, which is not a dependency).
+    """
+    if min_ml <= 0:
+        return logits
+    foreground = (logits[0, 0] > 0).cpu().numpy()
+    components, count = ndimage.label(foreground)
+    if count == 0:
+        return logits
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    sizes_ml = np.bincount(components.ravel())[1:] * voxel_ml
+    small = 1 + np.flatnonzero(sizes_ml < min_ml)
+    if small.size == 0:
+        return logits
+    dropped = torch.from_numpy(np.isin(components, small)).to(logits.device)[None, None]
+    return torch.where(dropped, -logits, logits)
+
+
 def mask_prompt_from_logits(logits: torch.Tensor, mask_size: int) -> torch.Tensor:
     """Full-resolution logits B×1×S³ -> the decoder's mask prompt B×1×L³ (area average, clamped).
 

@@ -48,8 +48,8 @@ from data.io import (IMAGE_SUFFIXES, MaskIndex, VolumeLoadError, case_id_from_pa
 from data.preprocess import Preprocessing, preprocess_image, resample_to_shape
 from data.records import Problem
 from ensemble import resolve_checkpoints, shared_preprocessing
-from inference import (SIMULATED_CLICKS, Click, apply_clicks, choose_amp_dtype, simulated_click_logits,
-                       sliding_window_logits)
+from inference import (SIMULATED_CLICKS, Click, apply_clicks, choose_amp_dtype, drop_small_components,
+                       simulated_click_logits, sliding_window_logits)
 from model import CheckpointError, model_from_trained, read_trained_checkpoint
 
 logger = logging.getLogger("ichseg.predict")
@@ -65,6 +65,7 @@ class PredictConfig:
     points: str | None
     threshold: float
     detection_threshold_ml: float
+    min_component_ml: float | None
     save_probabilities: bool
     save_png: bool
     device: str
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=0.5, help="Probability threshold for the mask.")
     parser.add_argument("--detection_threshold_ml", type=float, default=None,
                         help="Volume above which a scan counts as ICH-positive (default: metrics module's 0.1 mL).")
+    parser.add_argument("--min_component_ml", type=float, default=None, metavar="ML",
+                        help="Drop prompt-free components smaller than this (mL; 0 keeps all). Default: the value "
+                             "the checkpoint was trained and validated with (0.3 mL; 0 for older checkpoints).")
     parser.add_argument("--save_probabilities", action="store_true", help="Also write <stem>_prob.nii.gz.")
     parser.add_argument("--save_png", action="store_true", help="Also write <stem>.png: slices with most blood.")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="Compute device.")
@@ -165,7 +169,8 @@ class Predictor:
     its original grid. The members share one preprocessing (``ensemble.shared_preprocessing``); ``config`` is the
     first member's."""
 
-    def __init__(self, checkpoints: Path | Sequence[Path], device: torch.device, use_mixed_precision: bool = False):
+    def __init__(self, checkpoints: Path | Sequence[Path], device: torch.device, use_mixed_precision: bool = False,
+                 min_component_ml: float | None = None):
         self.checkpoints = [Path(checkpoints)] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
         self.models, configs, preprocessings = [], [], []
         for checkpoint in self.checkpoints:
@@ -182,6 +187,9 @@ class Predictor:
         self.amp_dtype = choose_amp_dtype(device, use_mixed_precision)
         self.preprocessing = shared_preprocessing(self.checkpoints, preprocessings)
         self.roi_size = int(self.model.img_size)
+        # An ensemble drops what its first member was validated with, unless the caller chooses.
+        self.min_component_ml = (self.config.model.min_component_ml if min_component_ml is None
+                                 else float(min_component_ml))
 
     def prepare(self, image: np.ndarray, spacing: Sequence[float]) -> torch.Tensor:
         """Raw HU volume -> the model's input grid: 1×1×D'×H'×W' on the device (the checkpoint's preprocessing)."""
@@ -203,7 +211,8 @@ class Predictor:
         moved = [Click(to_model_grid(c.point, image.shape, volume.shape[2:]), c.positive) for c in clicks]
         probabilities = torch.zeros_like(volume)
         for model in self.models:
-            free = sliding_window_logits(model, volume, self.roi_size, self.amp_dtype)
+            free = drop_small_components(sliding_window_logits(model, volume, self.roi_size, self.amp_dtype),
+                                         self.preprocessing.target_spacing, self.min_component_ml)
             logits = apply_clicks(model, volume, free, moved, self.roi_size, self.amp_dtype) if moved else free
             probabilities += torch.sigmoid(logits) / len(self.models)
         simulated: dict[int, np.ndarray] = {}
@@ -279,7 +288,8 @@ def run(config: PredictConfig) -> int:
         raise ValueError(f"--points applies to a single input scan, got {len(scans)} scans")
     masks = MaskIndex(config.mask_dir) if config.mask_dir else None
     device = utils.resolve_device(config.device)
-    predictor = Predictor(resolve_checkpoints(config.checkpoint), device, config.use_mixed_precision)
+    predictor = Predictor(resolve_checkpoints(config.checkpoint), device, config.use_mixed_precision,
+                          config.min_component_ml)
     threshold_ml = (config.detection_threshold_ml if config.detection_threshold_ml is not None
                     else metrics.DEFAULT_DETECTION_THRESHOLD_ML)
     if len(predictor.models) > 1 and config.simulate_clicks and masks is not None:
@@ -409,7 +419,10 @@ def format_summary(summary: dict[str, float]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(_points_value_attached(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(_points_value_attached(sys.argv[1:] if argv is None else argv))
+    if args.min_component_ml is not None and not args.min_component_ml >= 0:
+        parser.error(f"--min_component_ml must be >= 0 mL (0 keeps every component), got {args.min_component_ml}")
     config = PredictConfig(**vars(args))
     try:
         guards.usable_folder(config.output_dir, "--output_dir")  # before the log file is opened in it

@@ -396,7 +396,7 @@ class Trainer:
         try:
             return evaluate(self.model, self.val_loader, self.device, self.roi_size, self.amp_dtype, self.loss_fn,
                             self.preprocessing.target_spacing, self.ranks, progress=self.is_main,
-                            on_first_positive=on_positive)
+                            on_first_positive=on_positive, min_component_ml=self.config.model.min_component_ml)
         finally:
             self.model.train()
 

@@ -200,6 +200,23 @@ def test_a_click_next_to_the_answer_only_changes_it_near_the_click():
     assert int((flooded > 0).sum()) == 16 ** 3   # the click's window, all of it
 
 
+def test_small_prompt_free_components_are_dropped_by_volume():
+    logits = torch.full((1, 1, 20, 20, 20), -3.0)
+    logits[0, 0, 2:8, 2:8, 2:8] = 4.0        # 216 voxels: 1.728 mL at 2 mm
+    logits[0, 0, 15:17, 15:17, 15:18] = 2.0  # 12 voxels: 0.096 mL at 2 mm, 0.012 mL at 1 mm
+    kept = inference.drop_small_components(logits, (2.0, 2.0, 2.0), 0.3)
+    assert int((kept > 0).sum()) == 216
+    assert torch.equal(kept[0, 0, 15:17, 15:17, 15:18], torch.full((2, 2, 3), -2.0))  # same confidence, background
+    assert torch.equal(kept[logits < 0], logits[logits < 0])
+    # The threshold is a volume: at 10 mm voxels the speck is 12 mL and stays; 0 keeps everything.
+    assert inference.drop_small_components(logits, (10.0, 10.0, 10.0), 0.3) is logits
+    assert inference.drop_small_components(logits, (2.0, 2.0, 2.0), 0.0) is logits
+    # Components are 6-connected: two voxels touching only at an edge are two specks.
+    diagonal = torch.full((1, 1, 6, 6, 6), -1.0)
+    diagonal[0, 0, 2, 2, 2] = diagonal[0, 0, 2, 3, 3] = 1.0
+    assert int((inference.drop_small_components(diagonal, (5.0, 5.0, 5.0), 0.2) > 0).sum()) == 0
+
+
 def test_icc_2_1_matches_shrout_and_fleiss():
     # Shrout & Fleiss (1979), Table 2: six subjects rated by four judges; ICC(2,1) = 0.29.
     judges = np.array([[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]], float)

@@ -278,3 +278,13 @@ def test_evaluation_mask_that_does_not_lie_on_blood_is_warned(tmp_path, caplog, 
         [line] = warned
         assert line.startswith(f"{scan}: the mask does not lie on blood: 100 % of its voxels are air")
         assert "321.nii.gz" in line and "metrics are unreliable" in line and "\n" not in line
+
+
+def test_small_components_dropped_as_the_checkpoint_was_validated_unless_overridden(tmp_path):
+    checkpoint = untrained_tiny_checkpoint(tmp_path / "tiny.pth")
+    device = torch.device("cpu")
+    assert predict.Predictor(checkpoint, device).min_component_ml == 0.3           # the run's setting travels
+    assert predict.Predictor(checkpoint, device, min_component_ml=0).min_component_ml == 0.0
+    with pytest.raises(SystemExit) as caught:
+        predict.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path), "--min_component_ml", "-0.5"])
+    assert caught.value.code == 2
