@@ -227,16 +227,21 @@ def next_click(prediction: np.ndarray | torch.Tensor, truth: np.ndarray | torch.
         return None
     components, count = ndimage.label(errors)
     sizes = np.bincount(components.ravel())[1:]
-    label = int(sizes.argmax()) + 1
-    # Deepest voxel: distances to the region's border, with the volume's edge counted as border too. Computed in
-    # the region's bounding box padded by one background voxel, which is exact (the nearest border voxel of a
-    # point inside a box always lies in the box or its one-voxel shell) and a fraction of a whole-volume transform.
-    box = ndimage.find_objects(components, max_label=label)[label - 1]
-    largest = np.pad(components[box] == label, 1)
-    depth = ndimage.distance_transform_edt(largest)[1:-1, 1:-1, 1:-1]
-    local = np.unravel_index(int(depth.argmax()), depth.shape)
-    point = tuple(int(i) + s.start for i, s in zip(local, box))
+    depth = interior_depth(components == int(sizes.argmax()) + 1)
+    point = np.unravel_index(int(depth.argmax()), depth.shape)
     return Click(point=tuple(float(p) for p in point), positive=bool(gt[point]))
+
+
+def interior_depth(region: np.ndarray) -> np.ndarray:
+    """Distance (voxels) of every voxel of the boolean ``region`` to the nearest voxel outside it, the volume's edge
+    counting as outside; 0 outside the region. Computed in the region's bounding box padded by one outside voxel,
+    which is exact (the nearest outside voxel of a point in a box lies in the box or its one-voxel shell) and a
+    fraction of a whole-volume transform."""
+    depth = np.zeros(region.shape, dtype=np.float64)
+    box = ndimage.find_objects(region.astype(np.uint8))
+    if box:
+        depth[box[0]] = ndimage.distance_transform_edt(np.pad(region[box[0]], 1))[1:-1, 1:-1, 1:-1]
+    return depth
 
 
 # Validation and predict.py's evaluation report Dice after this many simulated clicks.

@@ -9,10 +9,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
-from scipy import ndimage
 from torch import nn
 
-from inference import mask_prompt_from_logits
+from inference import interior_depth, mask_prompt_from_logits
 
 # Upper bound of the per-voxel weight of hemorrhage in the cross-entropy (see SegmentationLoss): measured on the
 # synthetic cohort, balancing lifted the tiny model off the empty-mask plateau ~2x sooner; the cap limits the
@@ -63,21 +62,14 @@ def squared_depth(regions: torch.Tensor) -> torch.Tensor:
     """B×D×H×W boolean regions → squared Euclidean distance of every region voxel to the nearest voxel outside its
     region, the volume's edge counting as outside (0 outside the region).
 
-    On a CPU, scipy's transform in each region's bounding box (exact: the nearest outside voxel of a point in a box
-    lies in the box or its one-voxel shell). On a GPU, an exact separable transform in torch instead (hand-written:
+    On a CPU, ``inference.interior_depth`` (scipy's transform in each region's bounding box). On a GPU, an exact separable transform in torch instead (hand-written:
     MONAI's GPU transform needs cuCIM, which is not a dependency, and scipy's host round-trip took ~0.3 s of one
     core per 128³ crop, most of an H200 training step: bench/results/gpu_check_nvidia_h200.md).
     """
     if regions.device.type != "cpu":
         return _separable_squared_depth(regions)
-    depth = torch.zeros(regions.shape, dtype=torch.float32)
-    for i, region in enumerate(regions.numpy()):
-        box = ndimage.find_objects(region.astype(np.uint8))
-        if not box:
-            continue
-        local = ndimage.distance_transform_edt(np.pad(region[box[0]], 1), return_distances=True)[1:-1, 1:-1, 1:-1]
-        depth[(i, *box[0])] = torch.from_numpy(local.astype(np.float32) ** 2)
-    return depth
+    # float32 before squaring, as the benchmarks were measured (the draws depend on the last bit of the weights).
+    return torch.from_numpy(np.stack([interior_depth(region).astype(np.float32) ** 2 for region in regions.numpy()]))
 
 
 # Elements of the B·n² (row, offset) table held at once by the separable transform: ~256 MB of float32.
