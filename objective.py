@@ -62,9 +62,10 @@ def squared_depth(regions: torch.Tensor) -> torch.Tensor:
     """B×D×H×W boolean regions → squared Euclidean distance of every region voxel to the nearest voxel outside its
     region, the volume's edge counting as outside (0 outside the region).
 
-    On a CPU, ``inference.interior_depth`` (scipy's transform in each region's bounding box). On a GPU, an exact separable transform in torch instead (hand-written:
-    MONAI's GPU transform needs cuCIM, which is not a dependency, and scipy's host round-trip took ~0.3 s of one
-    core per 128³ crop, most of an H200 training step: bench/results/gpu_check_nvidia_h200.md).
+    On a CPU, ``inference.interior_depth`` (scipy's transform in each region's bounding box). On a GPU, an exact
+    separable transform in torch instead (hand-written: MONAI's GPU transform needs cuCIM, which is not a
+    dependency, and scipy's host round-trip took ~0.3 s of one core per 128³ crop, most of an H200 training step:
+    bench/results/gpu_check_nvidia_h200.md).
     """
     if regions.device.type != "cpu":
         return _separable_squared_depth(regions)
