@@ -241,7 +241,8 @@ def to_model_grid(point: Sequence[float], shape: Sequence[int], model_shape: Seq
 
 
 def largest_component_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
-    """Volume (mL) of the largest 6-connected blob of ``mask`` (scipy labels it, as ``inference.drop_small_components`` does and says why)."""
+    """Volume (mL) of the largest 6-connected blob of ``mask`` (scipy labels it, as
+    ``inference.drop_small_components`` does and says why)."""
     components, count = ndimage.label(mask > 0)
     if count == 0:
         return 0.0
