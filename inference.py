@@ -89,6 +89,31 @@ def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, roi_size:
     return torch.as_tensor(logits).float()
 
 
+# Test-time mirroring (predict.py's default): the prompt-free answer averages the probabilities of the volume as
+# it is and mirrored along each spatial axis in turn (4 passes). Training mirrors every axis, so each view is one the
+# model learned; errors that hang on one orientation (the vertex's bone/scalp partial-volume rim read as blood) are
+# outvoted. Measured on the learning benchmark's models, off -> on: negatives empty thin 2/4 -> 4/4, multifocal
+# 5/6 -> 4/6 (two blobs of 0.2 mL), repro and ctich unchanged; Dice +0.026 / -0.003 / +0.011 / +0.004. nnU-Net's eight
+# mirror combinations cost twice as much and left a thin negative unclean (README "What to expect").
+MIRROR_AXES = (2, 3, 4)
+
+
+@torch.no_grad()
+def mirrored_logits(model: torch.nn.Module, image: torch.Tensor, roi_size: int,
+                    amp_dtype: torch.dtype | None = None, axes: Sequence[int] = MIRROR_AXES) -> torch.Tensor:
+    """Prompt-free logits averaged over the volume and its mirror image along each of ``axes`` (dims of the
+    1×1×D×H×W ``image``; none: plain ``sliding_window_logits``). The mean is taken over probabilities (averaging
+    logits lets one confident view outvote the rest) and returned as logits, clamped to ±MASK_PROMPT_LOGIT_LIMIT."""
+    if not axes:
+        return sliding_window_logits(model, image, roi_size, amp_dtype)
+    probability = torch.sigmoid(sliding_window_logits(model, image, roi_size, amp_dtype))
+    for axis in axes:
+        mirrored = sliding_window_logits(model, torch.flip(image, (axis,)), roi_size, amp_dtype)
+        probability += torch.sigmoid(torch.flip(mirrored, (axis,)))
+    probability /= 1 + len(axes)
+    return torch.logit(probability).clamp(-MASK_PROMPT_LOGIT_LIMIT, MASK_PROMPT_LOGIT_LIMIT)
+
+
 @dataclass(frozen=True)
 class Click:
     """A click at voxel ``point`` (d, h, w) of the preprocessed volume: on hemorrhage (positive) or not."""

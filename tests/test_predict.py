@@ -288,3 +288,27 @@ def test_small_components_dropped_as_the_checkpoint_was_validated_unless_overrid
     with pytest.raises(SystemExit) as caught:
         predict.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path), "--min_component_ml", "-0.5"])
     assert caught.value.code == 2
+
+
+def test_mirroring_is_the_default_and_tta_none_is_the_plain_sliding_window(trained_run, tmp_path, monkeypatch):
+    row = next(r for r in read_csv(trained_run["cohort"].val_csv) if r["ich"] == "1")
+    checkpoint = trained_run["output_dir"] / "best_model.pth"
+    views = []
+    real = predict.mirrored_logits
+
+    def recording(model, image, roi_size, amp_dtype=None, axes=()):
+        views.append(tuple(axes))
+        return real(model, image, roi_size, amp_dtype, axes)
+
+    monkeypatch.setattr(predict, "mirrored_logits", recording)
+    out = {}
+    for flags in ([], ["--tta", "none"]):
+        name = "-".join(flags) or "default"
+        assert predict.main(["--checkpoint", str(checkpoint), "--input", row["path"], "--output_dir",
+                             str(tmp_path / name), "--spacing", "1.2", "1.2", "4", "--save_probabilities",
+                             "--device", "cpu", *flags]) == 0
+        out[name] = nib.load(str(next((tmp_path / name).glob("*_prob.nii.gz")))).get_fdata()
+    assert views == [(2, 3, 4), ()]
+    assert out["default"].shape == out["--tta-none"].shape and not np.allclose(out["default"], out["--tta-none"])
+    with pytest.raises(SystemExit):
+        predict.main(["--checkpoint", str(checkpoint), "--input", row["path"], "--tta", "flip8"])
