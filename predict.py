@@ -10,7 +10,8 @@ Preprocessing is read from the checkpoint (the exact training pipeline), and sca
 by the same functions training uses (``data.io``, ``data.cohort``), so predict accepts exactly the files training
 accepts. Each scan gets a mask in its original grid (``049.pkl`` → ``049.nii.gz``), a row in ``predictions.csv``
 and, on request, a probability map and a PNG overlay. Clicks (``--points``, positive and negative, applied in order)
-refine the prompt-free answer SAM-style (``inference.apply_clicks``). With ``--mask_dir`` the run also writes
+refine the prompt-free answer SAM-style (``inference.apply_clicks``); that answer is averaged over the scan and
+its mirror images (``--tta mirror``, the default; ``inference.mirrored_logits``). With ``--mask_dir`` the run also writes
 ``metrics.csv`` (prompt-free, and after 1, 3 and 5 simulated clicks on the largest remaining error) and
 ``volume_agreement.png``, and ``report.md`` (cohort means with 95% bootstrap confidence intervals, volume agreement,
 per-scan metrics; ``report.py``). Several checkpoints (or a cross-validation folder: ``ensemble.py``) form an
@@ -303,8 +304,9 @@ def run(config: PredictConfig) -> int:
         logger.info("ensemble of %d models: simulated-click metrics are left out (each member would be clicked on "
                     "its own errors); evaluate a single checkpoint for them", len(predictor.models))
         config = dataclasses.replace(config, simulate_clicks=[])
-    logger.info("segmenting %d scan(s) with %s (%s) on %s", len(scans),
-                ", ".join(map(str, predictor.checkpoints)), predictor.config.model.name, device)
+    logger.info("segmenting %d scan(s) with %s (%s) on %s, test-time mirroring %s", len(scans),
+                ", ".join(map(str, predictor.checkpoints)), predictor.config.model.name, device,
+                "on (4 passes)" if predictor.mirror_axes else "off")
 
     prediction_rows: list[dict[str, Any]] = []
     metric_rows: list[dict[str, Any]] = []
