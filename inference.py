@@ -94,7 +94,8 @@ def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, roi_size:
 # model learned; errors that hang on one orientation (the vertex's bone/scalp partial-volume rim read as blood) are
 # outvoted. Measured on the learning benchmark's models, off -> on: negatives empty thin 2/4 -> 4/4, multifocal
 # 5/6 -> 4/6 (two blobs of 0.2 mL), repro and ctich unchanged; Dice +0.026 / -0.003 / +0.011 / +0.004. nnU-Net's eight
-# mirror combinations cost twice as much and left a thin negative unclean (README "What to expect").
+# mirror combinations cost twice as much and left a thin negative unclean (README "What to expect"). Hand-written:
+# MONAI's TestTimeAugmentation draws random invertible transforms through a DataLoader; fixed mirrors are flips.
 MIRROR_AXES = (2, 3, 4)
 
 

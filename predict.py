@@ -11,8 +11,8 @@ by the same functions training uses (``data.io``, ``data.cohort``), so predict a
 accepts. Each scan gets a mask in its original grid (``049.pkl`` → ``049.nii.gz``), a row in ``predictions.csv``
 and, on request, a probability map and a PNG overlay. Clicks (``--points``, positive and negative, applied in order)
 refine the prompt-free answer SAM-style (``inference.apply_clicks``); that answer is averaged over the scan and
-its mirror images (``--tta mirror``, the default; ``inference.mirrored_logits``). With ``--mask_dir`` the run also writes
-``metrics.csv`` (prompt-free, and after 1, 3 and 5 simulated clicks on the largest remaining error) and
+its mirror images (``--tta mirror``, the default; ``inference.mirrored_logits``). With ``--mask_dir`` the run also
+writes ``metrics.csv`` (prompt-free, and after 1, 3 and 5 simulated clicks on the largest remaining error) and
 ``volume_agreement.png``, and ``report.md`` (cohort means with 95% bootstrap confidence intervals, volume agreement,
 per-scan metrics; ``report.py``). Several checkpoints (or a cross-validation folder: ``ensemble.py``) form an
 ensemble whose probabilities are averaged; user clicks then refine each member's answer before averaging, and the
@@ -306,7 +306,7 @@ def run(config: PredictConfig) -> int:
         config = dataclasses.replace(config, simulate_clicks=[])
     logger.info("segmenting %d scan(s) with %s (%s) on %s, test-time mirroring %s", len(scans),
                 ", ".join(map(str, predictor.checkpoints)), predictor.config.model.name, device,
-                "on (4 passes)" if predictor.mirror_axes else "off")
+                f"on ({1 + len(predictor.mirror_axes)} passes)" if predictor.mirror_axes else "off")
 
     prediction_rows: list[dict[str, Any]] = []
     metric_rows: list[dict[str, Any]] = []

@@ -7,8 +7,8 @@ synthetic cohorts and scores each against a plain MONAI U-Net given the same wal
 For every cohort: generate it (``synthetic.py``, cached in --work_dir), train with ``train.py`` and the README's CPU
 recipe (``RECIPE``), evaluate ``best_model.pth`` with ``predict.py --mask_dir`` (its defaults: a mirror-averaged
 prompt-free answer) on the validation scans in their original grid (prompt-free and after 1/3/5 simulated clicks),
-then train the U-Net of ``bench/unet_baseline.py`` for
-the same wall time (``--unet_budget_s match``; or a fixed number of seconds) and score it the same way. Reported
+then train the U-Net of ``bench/unet_baseline.py`` for the same wall time (``--unet_budget_s match``; or a fixed
+number of seconds) and score it the same way. Reported
 per cohort: Dice on ICH-positive scans, Dice after 1/3/5 clicks, ICH-negative scans predicted empty (volume <= 0.1
 mL), false-positive mL on negatives, mean |volume error| on positives, the first validated epoch with Dice > 0.5
 (preprocessed grid) and the training wall time.
