@@ -110,9 +110,13 @@ def test_memory_monitor_reads_cuda_peaks(monkeypatch):
 
 
 def test_rss_sampler_records_the_peak_of_the_block():
-    before = psutil.Process().memory_info().rss
+    # The peak is compared with the RSS seen while the block is held, not with "before + 64 MiB": the allocator
+    # may serve the block from memory the process already holds (seen once under pytest-xdist: +31 MiB only).
     with memory.RssSampler(interval_s=0.001, children=True) as sampler:
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB touched, held while the sampler thread runs, then freed
+        held = psutil.Process().memory_info().rss
         time.sleep(0.05)
         del block
-    assert sampler.peak >= before + 48 * 2**20
+    after = psutil.Process().memory_info().rss
+    assert sampler.peak >= held - 4 * 2**20
+    assert sampler.peak >= after
