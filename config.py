@@ -29,9 +29,11 @@ PRETRAINED_DECODER_LR_SCALE = 0.1
 
 
 # Settings added after configs were first saved, with the value that reproduces what those runs did (a saved
-# config without the key predates it): checkpoints from before the mask refiner have none, nor dropped components.
+# config without the key predates it): checkpoints from before the mask refiner have none, nor dropped components,
+# and runs from before deep supervision trained without the decoder term.
 _ABSENT_FROM_OLDER_CONFIGS: dict[str, dict[str, Any]] = {
-    "model": {"mask_refiner": False, "min_component_ml": 0.0}}
+    "model": {"mask_refiner": False, "min_component_ml": 0.0},
+    "train": {"decoder_loss_weight": 0.0}}
 
 
 class ConfigError(ValueError):
@@ -151,6 +153,9 @@ class TrainConfig:
     click_rounds: int = _flag("Simulated click rounds per batch in click mode (first click + corrections).",
                               default=3)
     ich_loss_weight: float = _flag("Weight of the BCE loss on the ICH-presence logit.", default=0.5)
+    decoder_loss_weight: float = _flag(
+        "Weight of the mask loss on the SAM decoder's own masks, before the refiner (deep supervision): keeps the "
+        "prompt path a segmenter instead of letting the refiner do all the work.", default=0.3)
     seed: int = _flag("Random seed for data sampling, augmentation and initialisation.", default=42)
     device: str = _flag("Compute device.", default="auto", choices=DEVICES)
     val_every: int = _flag("Validate every N epochs.", default=1)
@@ -269,7 +274,8 @@ class Config:
             if value is None or not value > 0:
                 problems.append(f"--{name} must be > 0, got {value}")
         for name, value in (("weight_decay", t.weight_decay), ("max_grad_norm", t.max_grad_norm),
-                            ("ich_loss_weight", t.ich_loss_weight), ("warmup_epochs", t.warmup_epochs),
+                            ("ich_loss_weight", t.ich_loss_weight), ("decoder_loss_weight", t.decoder_loss_weight),
+                            ("warmup_epochs", t.warmup_epochs),
                             ("save_every", t.save_every), ("keep_checkpoints", t.keep_checkpoints)):
             if value < 0:
                 problems.append(f"--{name} must be >= 0, got {value}")

@@ -123,13 +123,15 @@ class PromptedSegmentation(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor, click_rounds: int,
                 generator: torch.Generator) -> dict[str, Any]:
         """images, labels: B×1×S×S×S. Returns ``masks`` (list of B×1×S×S×S logits: the prompt-free round, then one
-        per click round) and ``ich_logit`` (B). ``click_rounds == 0`` is the automatic, prompt-free mode."""
+        per click round), ``coarse_masks`` (the same rounds before refinement) and ``ich_logit`` (B).
+        ``click_rounds == 0`` is the automatic, prompt-free mode."""
         features = self.model.encode(images)
         # The representation head learns on detached features: with its ICH loss flowing into the encoder the
         # tiny model stayed on the empty-mask plateau in every run we measured, so segmentation alone shapes the
         # encoder and the head reads it the way BLIP-2's Q-Former will.
         represented = self.model.represent(features.detach())
-        masks = [self.model.decode(features, image=images)["masks"]]
+        first = self.model.decode(features, image=images)
+        masks, coarse_masks = [first["masks"]], [first["coarse_masks"]]
         points = point_labels = None
         for _ in range(click_rounds):
             # The next round corrects this round's answer; the prompt itself carries no gradient, as in SAM.
@@ -138,14 +140,17 @@ class PromptedSegmentation(nn.Module):
             points = new_points if points is None else torch.cat([points, new_points], dim=1)
             point_labels = new_labels if point_labels is None else torch.cat([point_labels, new_labels], dim=1)
             prompt = mask_prompt_from_logits(previous, self.model.mask_size)
-            masks.append(self.model.decode(features, points=points, point_labels=point_labels, mask_prompt=prompt,
-                                           image=images)["masks"])
-        return {"masks": masks, "ich_logit": represented["ich_logit"]}
+            decoded = self.model.decode(features, points=points, point_labels=point_labels, mask_prompt=prompt,
+                                        image=images)
+            masks.append(decoded["masks"])
+            coarse_masks.append(decoded["coarse_masks"])
+        return {"masks": masks, "coarse_masks": coarse_masks, "ich_logit": represented["ich_logit"]}
 
 
 class SegmentationLoss(nn.Module):
     """Dice (MONAI) + class-balanced binary cross-entropy on mask logits, averaged over prompt rounds, plus
-    weighted BCE on the ICH-presence logit.
+    weighted BCE on the ICH-presence logit, plus (``decoder_weight``) the same mask loss on the decoder's own,
+    unrefined masks (deep supervision, see ``TrainingConfig.decoder_loss_weight``).
 
     Both terms are computed per sample and then averaged, so accumulating micro-batches equals one big batch.
     Soft Dice is undefined on an empty target (any non-zero sigmoid gives a loss near 1), so for samples without
@@ -153,10 +158,11 @@ class SegmentationLoss(nn.Module):
     target is crop-level: 1 when the crop contains any hemorrhage voxel.
     """
 
-    def __init__(self, ich_weight: float):
+    def __init__(self, ich_weight: float, decoder_weight: float = 0.0):
         super().__init__()
         self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=1e-5, smooth_dr=1e-5)
         self.ich_weight = ich_weight
+        self.decoder_weight = decoder_weight
 
     def mask_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean over samples of BCE + Dice·[target not empty]; logits, labels: B×1×D×H×W."""
@@ -171,11 +177,15 @@ class SegmentationLoss(nn.Module):
         has_target = (labels.flatten(1).amax(dim=1) > 0.5).float()
         return (bce + dice * has_target).mean()
 
-    def forward(self, masks: list[torch.Tensor], ich_logit: torch.Tensor | None,
-                labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, masks: list[torch.Tensor], ich_logit: torch.Tensor | None, labels: torch.Tensor,
+                coarse_masks: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         mask_loss = torch.stack([self.mask_loss(m, labels) for m in masks]).mean()
         total = mask_loss
         parts = {"mask_loss": float(mask_loss.detach())}
+        if coarse_masks is not None and self.decoder_weight > 0:
+            decoder_loss = torch.stack([self.mask_loss(m, labels) for m in coarse_masks]).mean()
+            total = total + self.decoder_weight * decoder_loss
+            parts["decoder_loss"] = float(decoder_loss.detach())
         if ich_logit is not None and self.ich_weight > 0:
             ich_target = (labels.flatten(1).amax(dim=1) > 0.5).float()
             ich_loss = F.binary_cross_entropy_with_logits(ich_logit.float(), ich_target)

@@ -107,7 +107,7 @@ class Trainer:
             raise ValueError("the model has no trainable parameters (is everything frozen?)")
         self.optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, config)
-        self.loss_fn = SegmentationLoss(t.ich_loss_weight)
+        self.loss_fn = SegmentationLoss(t.ich_loss_weight, t.decoder_loss_weight)
         self.early_stopping = EarlyStopping(patience=t.patience)
         self.prompt_generator = torch.Generator().manual_seed(t.seed + 1)
 
@@ -311,7 +311,7 @@ class Trainer:
         try:
             with autocast_context(self.device, self.amp_dtype):
                 out = self.step_module(images, labels, rounds, self.prompt_generator)
-                loss, _ = self.loss_fn(out["masks"], out["ich_logit"], labels)
+                loss, _ = self.loss_fn(out["masks"], out["ich_logit"], labels, out["coarse_masks"])
             # A host sync per micro-batch, accepted so that a NaN never reaches the weights. Under DDP the skip is
             # decided together: a rank that skipped backward while the others ran it would pair its next
             # gradient all-reduce with their current one (silently mixed gradients, then a hang or a crash).

@@ -96,7 +96,8 @@ class SamMed3D(nn.Module):
         not-a-point tokens.
 
         Returns: dict(masks=B×1×S×S×S logits (trilinear upsampling of low_res_masks, refined when the model has a
-        refiner), low_res_masks=B×1×L×L×L logits, iou_predictions=B×1).
+        refiner), coarse_masks=B×1×S×S×S (the same before refinement: the decoder's own answer),
+        low_res_masks=B×1×L×L×L logits, iou_predictions=B×1).
         """
         b = features.shape[0] if isinstance(features, torch.Tensor) and features.ndim > 0 else 0
         check_features(features, self.image_encoder.num_features, self.image_encoder.grid_size)
@@ -121,10 +122,9 @@ class SamMed3D(nn.Module):
         else:
             low_res, iou = low_res_all[:, :1], iou_all[:, :1]
         size = (self.img_size,) * 3
-        masks = F.interpolate(low_res, size=size, mode="trilinear", align_corners=False)
-        if self.refiner is not None:
-            masks = self.refiner(image, masks)
-        out["masks"] = masks
+        coarse = F.interpolate(low_res, size=size, mode="trilinear", align_corners=False)
+        out["masks"] = self.refiner(image, coarse) if self.refiner is not None else coarse
+        out["coarse_masks"] = coarse
         out["low_res_masks"] = low_res
         out["iou_predictions"] = iou
         return out

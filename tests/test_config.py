@@ -109,12 +109,13 @@ def test_impossible_settings_are_all_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as caught:
         build_config(["--train_csv", str(tmp_path / "nope.csv"), "--batch_size", "0", "--lr", "-1", "--scratch_lr", "0",
                       "--hu_window", "100", "0", "--augmentation_prob", "2", "--target_spacing", "1", "0", "1",
-                      "--min_component_ml", "-1"])
+                      "--min_component_ml", "-1", "--decoder_loss_weight", "-0.5"])
     problems = "\n".join(caught.value.problems)
     for expected in ("nope.csv: file not found", "--val_csv is required", "--mask_dir is required",
                      "--batch_size must be >= 1, got 0", "--lr must be > 0", "--hu_window needs low < high",
                      "--augmentation_prob must be in [0, 1]", "--target_spacing values must be > 0",
-                     "--scratch_lr must be > 0", "--min_component_ml must be >= 0 mL"):
+                     "--scratch_lr must be > 0", "--min_component_ml must be >= 0 mL",
+                     "--decoder_loss_weight must be >= 0, got -0.5"):
         assert expected in problems
     assert len(caught.value.problems) >= 8
 
@@ -127,10 +128,13 @@ def test_overwrite_and_resume_contradict_each_other(cohort_files):
 def test_configs_saved_before_the_new_settings_still_load():
     raw = Config().to_dict()
     del raw["train"]["overwrite"], raw["data"]["allow_unusual_masks"], raw["model"]["min_component_ml"]
+    del raw["train"]["decoder_loss_weight"]
     config = Config.from_dict(raw)
     assert config.train.overwrite is False and config.data.allow_unusual_masks is False
     assert config.model.min_component_ml == 0.0  # older runs kept every component
     assert Config().model.min_component_ml == 0.3
+    assert config.train.decoder_loss_weight == 0.0  # older runs trained without the decoder term (resume keeps it)
+    assert Config().train.decoder_loss_weight == 0.3
 
 
 def test_unknown_choice_is_rejected_not_replaced(cohort_files, capsys):

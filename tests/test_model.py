@@ -439,12 +439,18 @@ def test_refiner_starts_as_the_identity_and_then_learns_from_the_image():
     with torch.no_grad():
         for prompts in ((), (points, labels)):
             assert torch.equal(plain(images, *prompts)["masks"], refined(images, *prompts)["masks"])
+            # ``coarse_masks`` is the decoder's own answer before refinement (deep supervision trains it).
+            assert torch.equal(plain(images, *prompts)["masks"], refined(images, *prompts)["coarse_masks"])
     # The correction sees the image: after one step on a bright-blob batch the refined logits differ, and only
     # the refiner's parameters and the decoder path receive gradient from the correction.
     blobs, truth = bright_blobs(2, torch.Generator().manual_seed(5))
     out = refined(blobs)
     F.binary_cross_entropy_with_logits(out["masks"], truth).backward()
     assert refined.refiner.unfold.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        refined.refiner.unfold.bias.fill_(-3.0)
+        out = refined(blobs)
+    assert torch.allclose(out["masks"], out["coarse_masks"] - 3.0, atol=1e-5)
     with pytest.raises(ValueError, match="needs the 2×1×64×64×64 input volume"):
         refined.decode(refined.encode(images))
 

@@ -175,6 +175,21 @@ def test_loss_is_low_for_a_correct_prediction_and_ich_term_is_weighted():
     assert parts["ich_loss"] > 5
 
 
+def test_decoder_term_supervises_the_unrefined_masks_with_its_weight():
+    labels = torch.zeros(2, 1, 8, 8, 8)
+    labels[0, :, 2:6, 2:6, 2:6] = 1
+    good = labels * 20 - 10
+    coarse = (-good).requires_grad_()  # the decoder's own answer is wrong
+    plain_total, plain_parts = SegmentationLoss(ich_weight=0.0)([good], None, labels, [coarse])
+    assert "decoder_loss" not in plain_parts and plain_total == pytest.approx(plain_parts["mask_loss"])
+    assert not plain_total.requires_grad  # weight 0: the unrefined masks get no gradient
+    total, parts = SegmentationLoss(ich_weight=0.0, decoder_weight=0.5)([good], None, labels, [coarse])
+    assert parts["decoder_loss"] > 1 > 0.05 > parts["mask_loss"]
+    assert float(total) == pytest.approx(parts["mask_loss"] + 0.5 * parts["decoder_loss"], rel=1e-5)
+    total.backward()
+    assert coarse.grad.abs().sum() > 0
+
+
 def test_amp_dtype_choice():
     assert choose_amp_dtype(torch.device("cpu"), False) is None
     assert choose_amp_dtype(torch.device("cpu"), True) is None  # CPU bf16 autocast is ~60x slower
@@ -226,7 +241,9 @@ def test_click_rounds_start_prompt_free_and_feed_back_the_current_answer():
     labels = torch.zeros(2, 1, 64, 64, 64)
     labels[:, :, 20:30, 20:30, 20:30] = 1
     out = PromptedSegmentation(model)(images, labels, 2, torch.Generator().manual_seed(0))
-    assert len(out["masks"]) == 3
+    assert len(out["masks"]) == len(out["coarse_masks"]) == 3
+    # Without a refiner the decoder's own answer is the answer.
+    assert all(torch.equal(m, c) for m, c in zip(out["masks"], out["coarse_masks"]))
     # Round 0: no points, no mask (decoded as the zero mask); then 1 and 2 accumulated clicks, each with the
     # previous round's answer as the mask prompt (B×1×32³, the inference conversion of its logits).
     assert [n for n, _ in seen] == [None, 1, 2]
