@@ -150,7 +150,8 @@ class PromptedSegmentation(nn.Module):
 class SegmentationLoss(nn.Module):
     """Dice (MONAI) + class-balanced binary cross-entropy on mask logits, averaged over prompt rounds, plus
     weighted BCE on the ICH-presence logit, plus (``decoder_weight``) the same mask loss on the decoder's own,
-    unrefined masks (deep supervision, see ``TrainingConfig.decoder_loss_weight``).
+    unrefined masks (deep supervision, see ``TrainConfig.decoder_loss_weight``; without a refiner they are the
+    masks themselves, so the term only scales the mask loss).
 
     Both terms are computed per sample and then averaged, so accumulating micro-batches equals one big batch.
     Soft Dice is undefined on an empty target (any non-zero sigmoid gives a loss near 1), so for samples without
