@@ -46,8 +46,9 @@ logger = logging.getLogger("ichseg.learning_bench")
 # not grow with the cohort), one click round in the interactive half of the batches, validation twice. Volumes are
 # resampled to 1.5 mm, SAM-Med3D's pretraining spacing: at 2 mm repro scored 0.663 against 0.806 (50 epochs each),
 # its subdural crescents 0.14 / 0.49 against 0.36 / 0.75 (thinner partial-volume rims at the skull). The fresh
-# parts (refiner, head) at twice the encoder's rate: with the decoder's deep supervision (train default 0.3) they
-# trail the decoder at --scratch_lr 2e-3 (multifocal 0.780, ctich streak 11 mL) against 0.820 and clean at 4e-3.
+# parts (refiner, head) at twice the encoder's rate: with the decoder's deep supervision (train default 0.3),
+# --scratch_lr 2e-3 gave multifocal 0.780 and an 11 mL streak false positive on a ctich negative, 4e-3 gave 0.820
+# and every negative empty (repro 0.799 -> 0.741: its one subdural scan missed; results/learning_bench.md).
 RECIPE = ["--model", "tiny", "--device", "cpu", "--epochs", "40", "--max_steps_per_epoch", "10", "--lr", "2e-3",
           "--scratch_lr", "4e-3", "--gradient_accumulation_steps", "1", "--scheduler_type", "cosine",
           "--warmup_epochs", "1", "--click_rounds", "1", "--target_spacing", "1.5", "1.5", "1.5", "--val_every", "20",
