@@ -3,6 +3,7 @@ synthetic cohorts and scores each against a plain MONAI U-Net given the same wal
 
     python bench/learning_bench.py                               # all cohorts, writes bench/results/learning_bench.md
     python bench/learning_bench.py --cohorts repro --extra_flags=--no-mask_refiner --label "no refiner"
+    python bench/learning_bench.py --seeds 0 1 2                 # every cohort trained with three seeds, and their mean
 
 For every cohort: generate it (``synthetic.py``, cached in --work_dir), train with ``train.py`` and the README's CPU
 recipe (``RECIPE``), evaluate ``best_model.pth`` with ``predict.py --mask_dir`` (its defaults: a mirror-averaged
@@ -125,8 +126,16 @@ def _scores(rows: list[dict[str, Any]], clicks: tuple[int, ...]) -> dict[str, An
     return result
 
 
+def recipe_with_seed(seed: int) -> list[str]:
+    """RECIPE with its ``--seed`` value replaced."""
+    recipe = list(RECIPE)
+    recipe[recipe.index("--seed") + 1] = str(seed)
+    return recipe
+
+
 def bench_cohort(name: str, spec: CohortSpec, work: Path, extra_flags: list[str], unet_budget_s: str,
-                 python: str) -> dict[str, Any]:
+                 python: str, seeds: tuple[int, ...] = (0,)) -> dict[str, Any]:
+    """Generate (once), train and score one cohort for every training seed; the U-Net gets the first seed's time."""
     data = work / "cohorts" / name
     if not (data / "val.csv").is_file():
         logger.info("%s: generating %d + %d scans", name, spec.n_train, spec.n_val)
@@ -134,22 +143,27 @@ def bench_cohort(name: str, spec: CohortSpec, work: Path, extra_flags: list[str]
                         min_ml=spec.min_ml, max_ml=spec.max_ml, appearance=spec.appearance)
     files = ["--train_csv", str(data / "train.csv"), "--val_csv", str(data / "val.csv"), "--mask_dir",
              str(data / "masks")]
-    run_dir = work / "runs" / f"{name}{'-' + '-'.join(f.strip('-') for f in extra_flags) if extra_flags else ''}"
-    train_command = [python, "train.py", *files, *RECIPE, *extra_flags, "--output_dir", str(run_dir), "--overwrite",
-                     "--cache_dir", str(work / "cache")]
-    logger.info("%s: %s", name, shlex.join(train_command))
-    train_s = _run(train_command, work / f"{run_dir.name}.train.log")
-    latest = json.loads(sorted(run_dir.glob("training_summary_*.json"))[-1].read_text())
-    first_good = next((h["epoch"] for h in latest["history"] if (h.get("val_dice") or 0) > 0.5), None)
-    predict_command = [python, "predict.py", "--checkpoint", str(run_dir / "best_model.pth"), "--input",
-                       str(data / "val.csv"), "--mask_dir", str(data / "masks"), "--output_dir",
-                       str(run_dir / "val_predictions"), "--device", "cpu"]
-    _run(predict_command, work / f"{run_dir.name}.predict.log")
-    ours = {"train_s": train_s, "first_epoch_dice_over_0.5": first_good, "epochs": len(latest["history"]),
-            **_scores(_read_rows(run_dir / "val_predictions" / "metrics.csv"), (1, 3, 5))}
-    logger.info("%s: ichseg %s", name, ours)
-    result: dict[str, Any] = {"cohort": name, "description": spec.description, "ours": ours}
-    budget = train_s if unet_budget_s == "match" else float(unet_budget_s)
+    variant = f"{name}{'-' + '-'.join(f.strip('-') for f in extra_flags) if extra_flags else ''}"
+    runs = []
+    for seed in seeds:
+        run_dir = work / "runs" / (variant if seed == 0 else f"{variant}-seed{seed}")
+        train_command = [python, "train.py", *files, *recipe_with_seed(seed), *extra_flags, "--output_dir",
+                         str(run_dir), "--overwrite", "--cache_dir", str(work / "cache")]
+        logger.info("%s: %s", name, shlex.join(train_command))
+        train_s = _run(train_command, work / f"{run_dir.name}.train.log")
+        latest = json.loads(sorted(run_dir.glob("training_summary_*.json"))[-1].read_text())
+        first_good = next((h["epoch"] for h in latest["history"] if (h.get("val_dice") or 0) > 0.5), None)
+        predict_command = [python, "predict.py", "--checkpoint", str(run_dir / "best_model.pth"), "--input",
+                           str(data / "val.csv"), "--mask_dir", str(data / "masks"), "--output_dir",
+                           str(run_dir / "val_predictions"), "--device", "cpu"]
+        _run(predict_command, work / f"{run_dir.name}.predict.log")
+        ours = {"seed": seed, "train_s": train_s, "first_epoch_dice_over_0.5": first_good,
+                "epochs": len(latest["history"]),
+                **_scores(_read_rows(run_dir / "val_predictions" / "metrics.csv"), (1, 3, 5))}
+        logger.info("%s: ichseg %s", name, ours)
+        runs.append(ours)
+    result: dict[str, Any] = {"cohort": name, "description": spec.description, "ours": runs[0], "seeds": runs}
+    budget = runs[0]["train_s"] if unet_budget_s == "match" else float(unet_budget_s)
     if budget > 0:
         unet = train_unet(files[1], files[3], files[5], work / "runs" / f"{name}-unet", budget)
         result["unet"] = {"train_s": unet["train_s"], "steps": unet["steps"], **_scores(unet["rows"], ())}
@@ -157,21 +171,44 @@ def bench_cohort(name: str, spec: CohortSpec, work: Path, extra_flags: list[str]
     return result
 
 
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _pooled(fractions) -> str:
+    """'a/b' strings summed: '3/4', '4/4' -> '7/8'."""
+    pairs = [tuple(int(n) for n in f.split("/")) for f in fractions]
+    return f"{sum(p[0] for p in pairs)}/{sum(p[1] for p in pairs)}"
+
+
 def markdown(results: list[dict[str, Any]], command: str, label: str) -> str:
     lines = [f"# Learning benchmark{f' — {label}' if label else ''}", "",
-             f"Command: `{command}`  ", f"Recipe (train.py): `{shlex.join(RECIPE)}`  ",
+             f"Command: `{command}`  ",
+             f"Recipe (train.py): `{shlex.join(RECIPE)}`"
+             + (" with `--seed` as in the row" if any(len(r.get("seeds", ())) > 1 for r in results) else "") + "  ",
              f"Machine: {os.cpu_count()} CPU cores, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}; "
              "scores on the validation scans in their original grid (predict.py / the U-Net scored the same way).", "",
              "| cohort | model | train time | Dice (positives) | 1 / 3 / 5 clicks | negatives empty | FP mL "
              "(negatives) | mean abs volume error mL | first epoch Dice > 0.5 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        o = r["ours"]
-        clicks = " / ".join(format_number(o[f"dice_{k}click"]) for k in (1, 3, 5))
-        lines.append(f"| {r['cohort']} | ichseg tiny | {o['train_s']:.0f} s ({o['epochs']} ep) | "
-                     f"{format_number(o['dice'])} | {clicks} | {o['negatives_empty']} | "
-                     f"{format_number(o['fp_ml'], 2)} | {format_number(o['volume_error_ml'], 2)} | "
-                     f"{o['first_epoch_dice_over_0.5'] or 'never'} |")
+        runs = r.get("seeds", [r["ours"]])
+        for o in runs:
+            clicks = " / ".join(format_number(o[f"dice_{k}click"]) for k in (1, 3, 5))
+            model = "ichseg tiny" + (f", seed {o['seed']}" if len(runs) > 1 else "")
+            lines.append(f"| {r['cohort']} | {model} | {o['train_s']:.0f} s ({o['epochs']} ep) | "
+                         f"{format_number(o['dice'])} | {clicks} | {o['negatives_empty']} | "
+                         f"{format_number(o['fp_ml'], 2)} | {format_number(o['volume_error_ml'], 2)} | "
+                         f"{o['first_epoch_dice_over_0.5'] or 'never'} |")
+        if len(runs) > 1:
+            lines.append(f"| {r['cohort']} | ichseg tiny, {len(runs)} seeds | max {max(o['train_s'] for o in runs):.0f} s "
+                         f"| mean {format_number(_mean(o['dice'] for o in runs))}, min "
+                         f"{format_number(min(o['dice'] for o in runs))} | mean "
+                         + " / ".join(format_number(_mean(o[f'dice_{k}click'] for o in runs)) for k in (1, 3, 5))
+                         + f" | {_pooled(o['negatives_empty'] for o in runs)} | "
+                         f"{format_number(_mean(o['fp_ml'] for o in runs), 2)} | "
+                         f"{format_number(_mean(o['volume_error_ml'] for o in runs), 2)} | – |")
         if "unet" in r:
             u = r["unet"]
             lines.append(f"| {r['cohort']} | MONAI U-Net | {u['train_s']:.0f} s ({u['steps']} steps) | "
@@ -188,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learning_bench")
     parser.add_argument("--extra_flags", default="", help="appended to the recipe, e.g. '--no-mask_refiner'")
     parser.add_argument("--label", default="", help="names a variant in the table title")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="training seeds (the recipe's --seed); with several, each cohort gets a row per seed "
+                             "and their mean: one seed can move a 6-positive cohort's Dice by 0.15")
     parser.add_argument("--unet_budget_s", default="match",
                         help="the U-Net's training budget in seconds: 'match' (default) gives it the wall time ichseg's "
                              "training took on that cohort, 300 is the learning anchors' budget, 0 skips it")
@@ -195,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     results = [bench_cohort(name, COHORTS[name], args.work_dir, shlex.split(args.extra_flags), args.unet_budget_s,
-                            sys.executable) for name in args.cohorts]
+                            sys.executable, tuple(args.seeds)) for name in args.cohorts]
     command = shlex.join(["python", "bench/learning_bench.py", *(argv if argv is not None else sys.argv[1:])])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     utils.atomic_write_text(args.out.with_suffix(".md"), markdown(results, command, args.label))

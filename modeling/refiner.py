@@ -61,4 +61,9 @@ class MaskRefiner3D(nn.Module):
         b, c, d, h, w = x.shape
         folded = x.reshape(b, c, d // 2, 2, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 7, 2, 4, 6)
         folded = folded.reshape(b, c * 8, d // 2, h // 2, w // 2)
+        if folded.device.type == "cpu" and torch.is_grad_enabled():
+            # Training on a CPU: oneDNN's 3D convolution backward is ~1.7x faster on channels-last volumes (2 cores,
+            # 16 channels at 32³: 60 -> 35 ms per layer with its forward), while a forward alone is slower that way
+            # (92 -> 137 ms per 4 windows), so inference keeps the default layout. Not measured on GPUs.
+            folded = folded.contiguous(memory_format=torch.channels_last_3d)
         return coarse + self.unfold(self.body(folded))

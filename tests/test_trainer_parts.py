@@ -175,6 +175,22 @@ def test_loss_is_low_for_a_correct_prediction_and_ich_term_is_weighted():
     assert parts["ich_loss"] > 5
 
 
+@pytest.mark.parametrize("blood_voxels", [64, 4])
+def test_hemorrhage_voxels_weigh_half_the_cross_entropy_up_to_the_cap(blood_voxels):
+    # 8³ = 512 voxels: 64 of blood get the balancing weight 512 / (2·64) = 4; 4 of blood would get 64, capped.
+    labels = torch.zeros(1, 1, 8, 8, 8)
+    labels.view(-1)[:blood_voxels] = 1
+    logits = torch.zeros_like(labels, requires_grad=True)   # every voxel at p = 0.5: the same BCE gradient magnitude
+    SegmentationLoss(ich_weight=0.0).mask_loss(logits, labels).backward()
+    # The Dice term adds its own gradient; the BCE's is the weight × (p − y) / voxels, so compare without Dice.
+    dice_only = torch.zeros_like(labels, requires_grad=True)
+    SegmentationLoss(ich_weight=0.0).dice(dice_only, labels).mean().backward()
+    bce_grad = (logits.grad - dice_only.grad).view(-1)
+    ratio = (bce_grad[:blood_voxels].abs().mean() / bce_grad[blood_voxels:].abs().mean()).item()
+    expected = min(512 / (2 * blood_voxels), objective.MAX_POSITIVE_WEIGHT)
+    assert ratio == pytest.approx(expected, rel=1e-4)
+
+
 def test_decoder_term_supervises_the_unrefined_masks_with_its_weight():
     labels = torch.zeros(2, 1, 8, 8, 8)
     labels[0, :, 2:6, 2:6, 2:6] = 1

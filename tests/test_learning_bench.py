@@ -1,0 +1,43 @@
+"""The learning benchmark's bookkeeping (its trainings are too long for the suite: bench/results/learning_bench.md)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import learning_bench as LB  # noqa: E402
+
+
+def _run(seed: int, dice: float, empty: str, train_s: float) -> dict:
+    return {"seed": seed, "train_s": train_s, "first_epoch_dice_over_0.5": 20, "epochs": 40, "dice": dice,
+            "negatives_empty": empty, "fp_ml": 0.5, "volume_error_ml": 1.0, "dice_1click": dice + 0.01,
+            "dice_3click": dice + 0.02, "dice_5click": dice + 0.03}
+
+
+def test_seeds_replace_the_recipe_seed_only():
+    recipe = LB.recipe_with_seed(7)
+    assert recipe[recipe.index("--seed") + 1] == "7" and recipe.count("--seed") == 1
+    assert len(recipe) == len(LB.RECIPE) and LB.RECIPE[LB.RECIPE.index("--seed") + 1] == "0"
+
+
+def test_several_seeds_get_a_row_each_and_a_mean_row():
+    runs = [_run(0, 0.74, "3/4", 270.0), _run(1, 0.90, "4/4", 290.0)]
+    result = {"cohort": "repro", "description": "d", "ours": runs[0], "seeds": runs}
+    table = LB.markdown([result], "python bench/learning_bench.py --seeds 0 1", "")
+    rows = [line for line in table.splitlines() if line.startswith("| repro")]
+    assert len(rows) == 3
+    assert "seed 0" in rows[0] and "0.740" in rows[0] and "seed 1" in rows[1] and "0.900" in rows[1]
+    mean = rows[2]
+    assert "2 seeds" in mean and "max 290 s" in mean and "mean 0.820, min 0.740" in mean
+    assert "mean 0.830 / 0.840 / 0.850" in mean and "7/8" in mean
+    # One seed: the single row of before, without a seed label.
+    single = LB.markdown([{"cohort": "repro", "description": "d", "ours": runs[0]}], "cmd", "")
+    assert [line for line in single.splitlines() if line.startswith("| repro")][0].startswith("| repro | ichseg tiny |")
+
+
+def test_pooled_negative_counts():
+    assert LB._pooled(["3/4", "4/4", "0/6"]) == "7/14"
+    with pytest.raises(ValueError):
+        LB._pooled(["three/4"])
