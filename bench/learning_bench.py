@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -171,12 +171,12 @@ def bench_cohort(name: str, spec: CohortSpec, work: Path, extra_flags: list[str]
     return result
 
 
-def _mean(values) -> float:
+def _mean(values: Iterable[float]) -> float:
     values = list(values)
     return sum(values) / len(values)
 
 
-def _pooled(fractions) -> str:
+def _pooled(fractions: Iterable[str]) -> str:
     """'a/b' strings summed: '3/4', '4/4' -> '7/8'."""
     pairs = [tuple(int(n) for n in f.split("/")) for f in fractions]
     return f"{sum(p[0] for p in pairs)}/{sum(p[1] for p in pairs)}"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import model as model_module
 from config import Config, ModelConfig
@@ -19,6 +20,7 @@ from model import (TURBO_CHECKPOINT_URL, CheckpointError, CheckpointMismatchErro
                    load_pretrained, load_representation_head, load_sam_encoder, load_trained, resolve_checkpoint,
                    trainable_parameters)
 from modeling.image_encoder import EncoderBlock, ImageEncoderViT3D
+from modeling.refiner import MaskRefiner3D
 from modeling.representation_head import RepresentationHead
 
 # A copy of ../shared/reference/sam_med3d_turbo_state_dict.tsv (facts: names and shapes), kept in the repo so the
@@ -453,6 +455,23 @@ def test_refiner_starts_as_the_identity_and_then_learns_from_the_image():
     assert torch.allclose(out["masks"], out["coarse_masks"] - 3.0, atol=1e-5)
     with pytest.raises(ValueError, match="needs the 2×1×64×64×64 input volume"):
         refined.decode(refined.encode(images))
+
+
+def test_refiner_answers_the_same_in_training_and_inference_layouts():
+    # Training on a CPU runs the refiner on a channels-last view (faster backward), inference on the default one:
+    # the two must agree, and the training path must still pass gradient to its input and every parameter.
+    torch.manual_seed(6)
+    refiner = MaskRefiner3D()
+    nn.init.normal_(refiner.unfold.weight, std=0.1)   # a trained-looking refiner, not the zero-initialised identity
+    image, coarse = torch.randn(2, 1, 16, 16, 16), torch.randn(2, 1, 16, 16, 16, requires_grad=True)
+    with torch.no_grad():
+        inferred = refiner(image, coarse)
+    trained = refiner(image, coarse)
+    assert trained.shape == inferred.shape == coarse.shape
+    assert torch.allclose(trained, inferred, atol=1e-5) and not torch.equal(trained, coarse)
+    trained.square().mean().backward()
+    assert coarse.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in refiner.parameters())
 
 
 def test_refiner_can_be_switched_off():
