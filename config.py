@@ -156,6 +156,9 @@ class TrainConfig:
     decoder_loss_weight: float = _flag(
         "Weight of the mask loss on the SAM decoder's own masks, before the refiner (deep supervision): keeps the "
         "prompt path a segmenter instead of letting the refiner do all the work.", default=0.3)
+    hard_voxel_fraction: float = _flag(
+        "Fraction of each crop's voxels, those with the largest loss, that the cross-entropy averages over "
+        "(nnU-Net's TopK loss, on the hemorrhage-weighted cross-entropy; 1 = every voxel).", default=1.0)
     seed: int = _flag("Random seed for data sampling, augmentation and initialisation.", default=42)
     device: str = _flag("Compute device.", default="auto", choices=DEVICES)
     val_every: int = _flag("Validate every N epochs.", default=1)
@@ -279,6 +282,8 @@ class Config:
                             ("save_every", t.save_every), ("keep_checkpoints", t.keep_checkpoints)):
             if value < 0:
                 problems.append(f"--{name} must be >= 0, got {value}")
+        if not 0 < t.hard_voxel_fraction <= 1:
+            problems.append(f"--hard_voxel_fraction must be in (0, 1], got {t.hard_voxel_fraction}")
         if not 0 < t.lr_decay_factor < 1:
             problems.append(f"--lr_decay_factor must be in (0, 1), got {t.lr_decay_factor}")
         for name, value in (("positive_crop_fraction", d.positive_crop_fraction),

@@ -153,14 +153,22 @@ class SegmentationLoss(nn.Module):
     unrefined masks (deep supervision, see ``TrainConfig.decoder_loss_weight``; without a refiner they are the
     masks themselves, so the term only scales the mask loss).
 
+    ``hard_voxel_fraction`` < 1 averages the weighted cross-entropy over only that fraction of each sample's voxels,
+    those with the largest loss, as nnU-Net's TopK loss does: a thin rim of missed blood is a few hundred voxels
+    among 64³, and averaged over all of them its gradient is diluted by the background the model already gets
+    right. The hemorrhage weight stays: TopK without it (nnU-Net's form) left multifocal's subdurals unfound.
+
     Both terms are computed per sample and then averaged, so accumulating micro-batches equals one big batch.
     Soft Dice is undefined on an empty target (any non-zero sigmoid gives a loss near 1), so for samples without
     hemorrhage only the cross-entropy term applies; it still punishes every false-positive voxel. The ICH
     target is crop-level: 1 when the crop contains any hemorrhage voxel.
     """
 
-    def __init__(self, ich_weight: float, decoder_weight: float = 0.0):
+    def __init__(self, ich_weight: float, decoder_weight: float = 0.0, hard_voxel_fraction: float = 1.0):
         super().__init__()
+        if not 0.0 < hard_voxel_fraction <= 1.0:
+            raise ValueError(f"hard_voxel_fraction must be in (0, 1], got {hard_voxel_fraction}")
+        self.hard_voxel_fraction = hard_voxel_fraction
         self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=1e-5, smooth_dr=1e-5)
         self.ich_weight = ich_weight
         self.decoder_weight = decoder_weight
@@ -173,7 +181,11 @@ class SegmentationLoss(nn.Module):
         # Hemorrhage is ~1% of a crop: weight its voxels towards half the cross-entropy (capped) so the loss does
         # not settle on the all-empty answer, where the sigmoid saturates and the Dice gradient vanishes.
         positive_weight = (target.shape[1] / (2 * target.sum(dim=1).clamp(min=1))).clamp(max=MAX_POSITIVE_WEIGHT)
-        bce = (voxel_bce * torch.where(target > 0.5, positive_weight[:, None], 1.0)).mean(dim=1)
+        weighted_bce = voxel_bce * torch.where(target > 0.5, positive_weight[:, None], 1.0)
+        if self.hard_voxel_fraction < 1.0:
+            hardest = max(1, round(self.hard_voxel_fraction * weighted_bce.shape[1]))
+            weighted_bce = weighted_bce.topk(hardest, dim=1, sorted=False).values
+        bce = weighted_bce.mean(dim=1)
         dice = self.dice(logits, labels).flatten(1).mean(dim=1)
         has_target = (labels.flatten(1).amax(dim=1) > 0.5).float()
         return (bce + dice * has_target).mean()

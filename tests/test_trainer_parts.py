@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 import objective
@@ -189,6 +190,33 @@ def test_hemorrhage_voxels_weigh_half_the_cross_entropy_up_to_the_cap(blood_voxe
     ratio = (bce_grad[:blood_voxels].abs().mean() / bce_grad[blood_voxels:].abs().mean()).item()
     expected = min(512 / (2 * blood_voxels), objective.MAX_POSITIVE_WEIGHT)
     assert ratio == pytest.approx(expected, rel=1e-4)
+
+
+def test_hard_voxel_fraction_averages_the_cross_entropy_of_the_hardest_voxels_only():
+    # 8³ = 512 voxels, 64 of blood (weight 512 / (2·64) = 4), every voxel a different logit. TopK 10 %: the 51
+    # voxels of largest weighted cross-entropy per sample; the Dice term is untouched.
+    labels = torch.zeros(2, 1, 8, 8, 8)
+    labels.view(2, -1)[:, :64] = 1
+    logits = torch.linspace(-3, 3, 2 * 512).reshape(labels.shape)
+    all_voxels, hardest = SegmentationLoss(ich_weight=0.0), SegmentationLoss(ich_weight=0.0, hard_voxel_fraction=0.1)
+    voxel_bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").flatten(1)
+    weighted = voxel_bce * torch.where(labels.flatten(1) > 0.5, 4.0, 1.0)
+    dice = all_voxels.dice(logits, labels).flatten(1).mean(dim=1)
+    expected_all = (weighted.mean(dim=1) + dice).mean()
+    expected_top = (weighted.sort(dim=1, descending=True).values[:, :51].mean(dim=1) + dice).mean()
+    assert float(all_voxels.mask_loss(logits, labels)) == pytest.approx(float(expected_all), rel=1e-5)
+    assert float(hardest.mask_loss(logits, labels)) == pytest.approx(float(expected_top), rel=1e-5)
+    # Only the chosen voxels get cross-entropy gradient: the easy ones get none.
+    easy = logits.clone().requires_grad_()
+    hardest.mask_loss(easy, labels).backward()
+    dice_only = logits.clone().requires_grad_()
+    hardest.dice(dice_only, labels).mean().backward()
+    bce_grad = (easy.grad - dice_only.grad).flatten(1)
+    assert (bce_grad.abs() > 1e-7).sum(dim=1).tolist() == [51, 51]
+    chosen = weighted.argsort(dim=1, descending=True)[:, :51]
+    assert bool((bce_grad.gather(1, chosen).abs() > 1e-7).all())
+    with pytest.raises(ValueError, match="hard_voxel_fraction must be in \\(0, 1\\], got 0"):
+        SegmentationLoss(ich_weight=0.0, hard_voxel_fraction=0)
 
 
 def test_decoder_term_supervises_the_unrefined_masks_with_its_weight():
