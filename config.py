@@ -87,8 +87,16 @@ class DataConfig:
         choices=("auto", *NORMALIZATIONS), cli_default="auto")
     positive_crop_fraction: float = _flag(
         "Fraction of training crops centred on hemorrhage in ICH-positive scans.", default=0.75)
+    hard_negative_crop_fraction: float = _flag(
+        "Fraction of the other training crops (all crops of ICH-negative scans) centred on hyperdense tissue that "
+        "is not hemorrhage and not next to bone (streaks, dense brain): the look-alikes a model calls blood.",
+        default=0.0)
     augmentation_prob: float = _flag("Probability of each random augmentation (flip, affine, intensity).",
                                      default=0.3)
+    in_plane_rotation_deg: float = _flag(
+        "Training crops are also rotated about the scan's slice axis (largest spacing) by up to this many degrees "
+        "(with --augmentation_prob; 0: off): a bleed along the skull looks alike at every position around it.",
+        default=0.0, metavar="DEG")
     num_workers: int | None = _flag("DataLoader worker processes (default: chosen from CPU count and free RAM).",
                                     default=None)
     allow_patient_overlap: bool = _flag(
@@ -159,6 +167,9 @@ class TrainConfig:
     hard_voxel_fraction: float = _flag(
         "Fraction of each crop's voxels, those with the largest loss, that the cross-entropy averages over "
         "(nnU-Net's TopK loss, on the hemorrhage-weighted cross-entropy; 1 = every voxel).", default=1.0)
+    empty_crop_dice_volume: float = _flag(
+        "Crops without hemorrhage get a Dice term too: the Dice a crop holding a bleed of this fraction of its "
+        "voxels, found exactly, would lose to the predicted foreground (0: cross-entropy only).", default=0.0)
     seed: int = _flag("Random seed for data sampling, augmentation and initialisation.", default=42)
     device: str = _flag("Compute device.", default="auto", choices=DEVICES)
     val_every: int = _flag("Validate every N epochs.", default=1)
@@ -284,12 +295,17 @@ class Config:
                 problems.append(f"--{name} must be >= 0, got {value}")
         if not 0 < t.hard_voxel_fraction <= 1:
             problems.append(f"--hard_voxel_fraction must be in (0, 1], got {t.hard_voxel_fraction}")
+        if not 0 <= t.empty_crop_dice_volume <= 1:
+            problems.append(f"--empty_crop_dice_volume must be in [0, 1], got {t.empty_crop_dice_volume}")
         if not 0 < t.lr_decay_factor < 1:
             problems.append(f"--lr_decay_factor must be in (0, 1), got {t.lr_decay_factor}")
         for name, value in (("positive_crop_fraction", d.positive_crop_fraction),
+                            ("hard_negative_crop_fraction", d.hard_negative_crop_fraction),
                             ("augmentation_prob", d.augmentation_prob)):
             if not 0.0 <= value <= 1.0:
                 problems.append(f"--{name} must be in [0, 1], got {value}")
+        if not 0 <= d.in_plane_rotation_deg <= 180:
+            problems.append(f"--in_plane_rotation_deg must be in [0, 180], got {d.in_plane_rotation_deg}")
         if d.num_workers is not None and d.num_workers < 0:
             problems.append(f"--num_workers must be >= 0, got {d.num_workers}")
         for name, spacing in (("spacing", d.spacing), ("target_spacing", d.target_spacing)):

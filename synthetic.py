@@ -37,6 +37,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from data.io import slice_axis
 from synthetic_lesions import CONNECTIVITY, LESION_KINDS, Anatomy, ellipsoid, place_lesion
 
 AIR_HU = -1000.0
@@ -152,15 +153,9 @@ class Appearance:
         return tuple(w / total for w in self.kind_weights)
 
 
-def _slice_axis(spacing: Sequence[float]) -> int:
-    """The axis with the largest spacing (the last such axis on ties) is the slice axis."""
-    spacing = list(spacing)
-    return len(spacing) - 1 - int(np.argmax(spacing[::-1]))
-
-
 def random_head(shape: Sequence[int], spacing: Sequence[float], rng: np.random.Generator) -> HeadGeometry:
     """A plausible adult head that fits the field of view (scaled down for small test grids)."""
-    k = _slice_axis(spacing)
+    k = slice_axis(spacing)
     a, b = [i for i in range(3) if i != k]
     extent = [n * s for n, s in zip(shape, spacing)]
     jitter = rng.uniform(0.95, 1.05, size=3)
@@ -176,7 +171,7 @@ def random_head(shape: Sequence[int], spacing: Sequence[float], rng: np.random.G
 def _head_frame(shape: Sequence[int], spacing: Sequence[float], head: HeadGeometry
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(u, v, w) head-frame coordinates in mm of every voxel centre, broadcastable to ``shape``."""
-    k = _slice_axis(spacing)
+    k = slice_axis(spacing)
     a, b = [i for i in range(3) if i != k]
     coords = []
     for axis, (n, s) in enumerate(zip(shape, spacing)):
@@ -204,7 +199,7 @@ def _add_streaks(image: np.ndarray, rng: np.random.Generator, frame: tuple[np.nd
     between the petrous bones) in a run of adjacent slices in the lower half of the scan, where the dense skull base
     is. They stop at the scalp and spare the blood plus a one-voxel margin, so the mask stays exactly the blood."""
     u, v, _ = frame
-    k = _slice_axis(spacing)
+    k = slice_axis(spacing)
     n_slices = image.shape[k]
     view = [1, 1, 1]
     view[k] = n_slices
@@ -301,7 +296,7 @@ def synthesize_scan(shape: Sequence[int], spacing: Sequence[float], rng: np.rand
     sigma = [min(1.0, 0.5 / s) for s in spacing]
     image = ndimage.gaussian_filter(image, sigma=sigma, mode="nearest")
     image += rng.normal(0.0, rng.uniform(*appearance.noise_hu), size=shape).astype(np.float32)
-    k = _slice_axis(spacing)
+    k = slice_axis(spacing)
     a, b = [i for i in range(3) if i != k]
     fov_radius = min(shape[a] * spacing[a], shape[b] * spacing[b]) / 2.0
     if rng.random() < 0.35 and fov_radius > max(semi[0], semi[1]) + 5.0:

@@ -107,7 +107,8 @@ class Trainer:
             raise ValueError("the model has no trainable parameters (is everything frozen?)")
         self.optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, config)
-        self.loss_fn = SegmentationLoss(t.ich_loss_weight, t.decoder_loss_weight, t.hard_voxel_fraction)
+        self.loss_fn = SegmentationLoss(t.ich_loss_weight, t.decoder_loss_weight, t.hard_voxel_fraction,
+                                        t.empty_crop_dice_volume)
         self.early_stopping = EarlyStopping(patience=t.patience)
         self.prompt_generator = torch.Generator().manual_seed(t.seed + 1)
 

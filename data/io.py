@@ -236,6 +236,12 @@ def _array_from_payload(payload: Any, path: Path, what: str) -> tuple[Any, dict[
                                 f"with the array under one of the keys {', '.join(ARRAY_KEYS)}")
 
 
+def slice_axis(spacing: Sequence[float]) -> int:
+    """The axis with the largest spacing (the last such axis on ties): the slice axis of a CT series."""
+    spacing = list(spacing)
+    return len(spacing) - 1 - int(np.argmax(spacing[::-1]))
+
+
 def parse_spacing(value: Any, path: Path, what: str) -> tuple[float, float, float]:
     try:
         values = np.asarray(value, dtype=np.float64).ravel()

@@ -207,7 +207,9 @@ def build_dataloaders(data_config: DataConfig, preprocessing: Preprocessing, coh
     cache_dir = Path(data_config.cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
     transforms = build_transforms(preprocessing, cache_dir, data_config.positive_crop_fraction,
-                                  data_config.augmentation_prob, augment_device=device if augment_on_device else None)
+                                  data_config.augmentation_prob, augment_device=device if augment_on_device else None,
+                                  hard_negative_crop_fraction=data_config.hard_negative_crop_fraction,
+                                  in_plane_rotation_deg=data_config.in_plane_rotation_deg)
     train_items = [_case_item(c, preprocessing) for c in cohort.train]
     val_items = [_case_item(c, preprocessing) for c in cohort.val]
 

@@ -1,8 +1,11 @@
 """The MONAI pipeline, defined once; validation uses the deterministic part.
 
-    Case item ──LoadPreprocessd (disk cache)──► image 1×D×H×W float32, label 1×D×H×W uint8 (val stops here)
-              ──CropIndicesd──► + hemorrhage / head voxel indices and the air value   (train; cached in RAM)
-              ──RandHemorrhageCropd → PadToRoid → flips / small affine / intensity jitter──► S×S×S crops
+    Case item ──LoadPreprocessd (disk cache)──► image 1×D×H×W float32, label 1×D×H×W uint8, slice axis
+                                                                                     (val stops here)
+              ──CropIndicesd──► + hemorrhage / head / hyperdense-tissue voxel indices and the air value
+                                                                                     (train; cached in RAM)
+              ──RandHemorrhageCropd → rotation about the slice axis → PadToRoid → flips / small affine /
+                intensity jitter──► S×S×S crops
 
 Everything before the first random transform runs once per scan and is kept in the RAM cache, so no crop scans
 the whole volume for candidate centres: the indices were computed there.
@@ -22,6 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from scipy import ndimage
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -34,13 +38,15 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropd,
+    RandomizableTransform,
+    Rotate,
     SelectItemsd,
     ToDeviced,
     Transform,
 )
 
 from data.geometry import MaskOrientation, orient_mask
-from data.io import load_image_file, load_mask_file
+from data.io import load_image_file, load_mask_file, slice_axis
 from data.preprocess import Preprocessing, pad_with_air, preprocess_image, resample_to_shape
 from data.records import Case
 from utils import atomic_write_bytes
@@ -51,6 +57,18 @@ BATCH_KEYS = ("image", "label", "ich", "case_id")
 # Keys CropIndicesd adds for the crop: flat voxel indices of hemorrhage (fg) and of head tissue without hemorrhage
 # (bg), int32, and the scan's air value (its minimum after windowing), which pads crops of small volumes.
 FG_INDICES_KEY, BG_INDICES_KEY, AIR_KEY = "label_fg_indices", "label_bg_indices", "air"
+# Flat indices of hyperdense head tissue that is not hemorrhage (hard negatives: streaks, hyperdense brain), int32,
+# and whether the scan has any hemorrhage (an ICH-negative scan's crops all come from its head).
+HARD_INDICES_KEY, HAS_BLOOD_KEY = "label_hard_bg_indices", "has_hemorrhage"
+# The scan's slice axis (largest raw spacing), which in-plane rotations turn about; LoadPreprocessd adds it.
+SLICE_AXIS_KEY = "slice_axis"
+# Hyperdense = the 3-voxel mean at least this many head-tissue standard deviations (Preprocessing.intensity_unit,
+# ~70 HU in the brain window) above the head's median: +14 HU. A beam-hardening streak that a tiny model called a
+# 21 mL bleed on a CT-ICH-like negative was +19 HU (47 against 28 HU brain); blood is +35-60 HU.
+HYPERDENSE_MARGIN = 0.2
+# Bone is tissue this far above the median (> ~135 HU in the brain window); hard negatives keep this many voxels
+# away from it, so they are not the partial-volume rim at the inner table that every head has.
+BONE_MARGIN, BONE_CLEARANCE_VOXELS = 1.5, 3
 # Head voxels are those above the air minimum by this fraction of the intensity range (tissue, not air).
 HEAD_MARGIN = 1e-3
 # Head-voxel indices kept per scan in the RAM cache: a synthetic 512×512×30 head CT at 1.5 mm (154×154×100, 11.3 MiB
@@ -113,7 +131,8 @@ class LoadPreprocessd(Transform):
             arrays = self._preprocess(item)
             self._write_entry(entry, *arrays)
         image, label = arrays
-        return {"image": image, "label": label, "ich": item["ich"], "case_id": item["case_id"]}
+        return {"image": image, "label": label, "ich": item["ich"], "case_id": item["case_id"],
+                SLICE_AXIS_KEY: slice_axis(item["spacing"])}
 
     def _read_entry(self, entry: Path) -> tuple[np.ndarray, np.ndarray] | None:
         try:
@@ -158,14 +177,17 @@ class CropIndicesd(MapTransform):
     ``label_fg_indices``: hemorrhage voxels. ``label_bg_indices``: head voxels without hemorrhage (image above its
     air minimum, so negative crops show tissue rather than air); more than ``max_head_indices`` are thinned to every
     k-th in raster order (see ``MAX_HEAD_INDICES``). A scan without hemorrhage gets its head voxels as both, so
-    every crop of an ICH-negative scan is head-centred. ``air``: the image minimum, which pads crops.
+    every crop of an ICH-negative scan is head-centred. ``label_hard_bg_indices``: head voxels without hemorrhage
+    whose 3-voxel mean is hyperdense (``HYPERDENSE_MARGIN``) yet clear of bone (``BONE_CLEARANCE_VOXELS``), thinned
+    the same way; possibly empty. ``has_hemorrhage``: whether the label has any. ``air``: the image minimum, which
+    pads crops. ``intensity_unit``: one head-tissue standard deviation in the image's units.
     """
 
     def __init__(self, image_key: str = "image", label_key: str = "label",
-                 max_head_indices: int = MAX_HEAD_INDICES):
+                 max_head_indices: int = MAX_HEAD_INDICES, intensity_unit: float = 1.0):
         super().__init__([image_key, label_key])
         self.image_key, self.label_key = image_key, label_key
-        self.max_head_indices = max_head_indices
+        self.max_head_indices, self.intensity_unit = max_head_indices, intensity_unit
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
         d = dict(data)
@@ -174,35 +196,99 @@ class CropIndicesd(MapTransform):
             raise ValueError(f"{d.get('case_id')}: {label[0].size} voxels do not fit int32 crop indices")
         low, high = float(image.min()), float(image.max())
         # The threshold is per scan (the air value depends on the normalisation), hence the array transform here.
-        blood, head = FgBgToIndices(image_threshold=low + HEAD_MARGIN * (high - low))(label, image)
+        head_mask = image[0] > low + HEAD_MARGIN * (high - low)
+        blood, head = FgBgToIndices()(label, head_mask[None])
         if head.size == 0:  # no head found (cannot happen after validation): any voxel
             head = np.arange(label[0].size)
-        if head.size > self.max_head_indices:
-            head = head[::math.ceil(head.size / self.max_head_indices)]
-        d[BG_INDICES_KEY] = np.ascontiguousarray(head, dtype=np.int32)
+        d[BG_INDICES_KEY] = self._thin(head)
         d[FG_INDICES_KEY] = np.ascontiguousarray(blood, dtype=np.int32) if blood.size else d[BG_INDICES_KEY]
+        d[HARD_INDICES_KEY] = self._thin(self._hyperdense(image[0], head_mask, label[0] > 0))
+        d[HAS_BLOOD_KEY] = bool(blood.size)
         d[AIR_KEY] = low
         return d
+
+    def _hyperdense(self, image: np.ndarray, head: np.ndarray, blood: np.ndarray) -> np.ndarray:
+        """Flat indices of head voxels outside ``blood`` whose 3-voxel mean is hyperdense and clear of bone."""
+        if not head.any():
+            return np.zeros(0, dtype=np.int64)
+        median = float(np.median(image[head]))
+        bone = ndimage.binary_dilation(image > median + BONE_MARGIN * self.intensity_unit,
+                                       iterations=BONE_CLEARANCE_VOXELS)
+        smoothed = ndimage.uniform_filter(image.astype(np.float32, copy=False), size=3)
+        hard = head & ~blood & ~bone & (smoothed > median + HYPERDENSE_MARGIN * self.intensity_unit)
+        return np.flatnonzero(hard)
+
+    def _thin(self, indices: np.ndarray) -> np.ndarray:
+        if indices.size > self.max_head_indices:
+            indices = indices[::math.ceil(indices.size / self.max_head_indices)]
+        return np.ascontiguousarray(indices, dtype=np.int32)
 
 
 class RandHemorrhageCropd(RandCropByPosNegLabeld):
     """One roi³ crop per sample (a dict, not MONAI's list of one): with probability ``pos_fraction`` centred on a
-    hemorrhage voxel, otherwise on a head voxel (the indices from CropIndicesd). Centres are moved inwards so the
-    crop stays inside the volume; an axis shorter than roi is taken whole (PadToRoid then pads it with air).
-    ``build_transforms`` asks for roi + 2·jitter and then takes a random roi sub-crop of it."""
+    hemorrhage voxel, otherwise on a head voxel (the indices from CropIndicesd). With ``hard_negative_fraction``
+    of those head crops (every crop of an ICH-negative scan is one) centred on hyperdense non-hemorrhage tissue
+    instead, where the scan has any. Centres are moved inwards so the crop stays inside the volume; an axis shorter
+    than roi is taken whole (PadToRoid then pads it with air). ``build_transforms`` asks for roi + 2·jitter and then
+    takes a random roi sub-crop of it."""
 
-    def __init__(self, roi_size: int, pos_fraction: float, keys: tuple[str, ...] = ("image", "label")):
-        if not 0.0 <= pos_fraction <= 1.0:
-            raise ValueError(f"pos_fraction must be in [0, 1], got {pos_fraction}")
+    def __init__(self, roi_size: int, pos_fraction: float, keys: tuple[str, ...] = ("image", "label"),
+                 hard_negative_fraction: float = 0.0):
+        for name, value in (("pos_fraction", pos_fraction), ("hard_negative_fraction", hard_negative_fraction)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         super().__init__(list(keys), label_key="label", spatial_size=(roi_size,) * 3, pos=pos_fraction,
                          neg=1.0 - pos_fraction, num_samples=1, fg_indices_key=FG_INDICES_KEY,
                          bg_indices_key=BG_INDICES_KEY, allow_smaller=True)
+        self.hard_negative_fraction = hard_negative_fraction
 
     def __call__(self, data: Mapping[str, Any], lazy: bool | None = None) -> dict[str, Any]:  # type: ignore[override]
+        # Only drawn when asked for, so a run without hard negatives keeps its random stream (and its crops).
+        if self.hard_negative_fraction > 0 and self.R.rand() < self.hard_negative_fraction:
+            hard = data.get(HARD_INDICES_KEY)
+            if hard is not None and len(hard):
+                data = {**data, BG_INDICES_KEY: hard}
+                if not data.get(HAS_BLOOD_KEY, True):
+                    data[FG_INDICES_KEY] = hard
         (sample,) = super().__call__(data, lazy)
         for key in self.keys:
             sample[key] = sample[key].clone()  # own memory: nothing downstream can touch the cached volume
         return sample
+
+
+class RandSliceRotated(RandomizableTransform, MapTransform):
+    """With probability ``prob``, rotate image (bilinear, edge values beyond the crop) and label (nearest, 0 beyond)
+    about the scan's slice axis (``slice_axis``, default the last) by an angle uniform in ±``max_degrees``.
+
+    A bleed along the skull looks the same at every position around it, so a crescent seen once on the left
+    teaches the right and the front too; nnU-Net rotates anisotropic (thick-slice) data ±180° in-plane for the same
+    reason. Applied to the crop before its final sub-crop, so the corners the rotation brings in are mostly real.
+    """
+
+    def __init__(self, prob: float, max_degrees: float, image_key: str = "image", label_key: str = "label"):
+        MapTransform.__init__(self, [image_key, label_key])
+        RandomizableTransform.__init__(self, prob)
+        self.max_radians = math.radians(max_degrees)
+        self.image_key, self.label_key = image_key, label_key
+        self._angle = 0.0
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            self._angle = float(self.R.uniform(-self.max_radians, self.max_radians))
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        if self.max_radians <= 0:
+            return d
+        self.randomize()
+        if not self._do_transform:
+            return d
+        angles = [0.0, 0.0, 0.0]
+        angles[int(d.get(SLICE_AXIS_KEY, 2))] = self._angle
+        d[self.image_key] = Rotate(angles, keep_size=True, mode="bilinear", padding_mode="border")(d[self.image_key])
+        d[self.label_key] = Rotate(angles, keep_size=True, mode="nearest", padding_mode="zeros")(d[self.label_key])
+        return d
 
 
 class PadToRoid(MapTransform):
@@ -234,12 +320,15 @@ class Transforms:
 
 
 def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike, positive_crop_fraction: float,
-                     augmentation_prob: float, augment_device: torch.device | None = None) -> Transforms:
+                     augmentation_prob: float, augment_device: torch.device | None = None,
+                     hard_negative_crop_fraction: float = 0.0, in_plane_rotation_deg: float = 0.0) -> Transforms:
     """Train: train_cached → train_random → finalize; val: val_cached → finalize. Crops are
     ``preprocessing.input_size`` on a side.
 
-    The crop's chosen voxel (hemorrhage or head) lands anywhere within ±roi/4 of its centre
-    (``CENTRE_JITTER_FRACTION``). Augmentations each fire with ``augmentation_prob``: a mirror per axis, a small
+    ``hard_negative_crop_fraction`` of the head-centred crops are centred on hyperdense non-hemorrhage tissue
+    (see CropIndicesd). The crop's chosen voxel (hemorrhage or head) lands anywhere within ±roi/4 of its centre
+    (``CENTRE_JITTER_FRACTION``). Augmentations each fire with ``augmentation_prob``: a rotation about the slice
+    axis within ±``in_plane_rotation_deg`` (on the jittered crop, before its sub-crop), a mirror per axis, a small
     affine (±10° per axis, ±10 % scale; image bilinear with border padding, label nearest), intensity scale ±10 %,
     shift ±0.1 and Gaussian noise σ 0.05 head-tissue standard deviations (``Preprocessing.intensity_unit``).
 
@@ -250,11 +339,15 @@ def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike,
     load = LoadPreprocessd(preprocessing, cache_dir)
     to_device = [ToDeviced(keys, device=augment_device)] if augment_device is not None else []
     jitter = int(roi_size * CENTRE_JITTER_FRACTION)
+    # Only when asked for: a random transform more in the Compose would reseed every later one.
+    rotate = [RandSliceRotated(prob, in_plane_rotation_deg)] if in_plane_rotation_deg > 0 else []
     train_random = Compose([
-        RandHemorrhageCropd(roi_size + 2 * jitter, positive_crop_fraction),
+        RandHemorrhageCropd(roi_size + 2 * jitter, positive_crop_fraction,
+                            hard_negative_fraction=hard_negative_crop_fraction),
+        *to_device,
+        *rotate,
         RandSpatialCropd(keys, roi_size=(roi_size,) * 3, random_size=False),
         PadToRoid(roi_size),
-        *to_device,
         # No canonical orientation is known (array order is the file's), so every axis may be mirrored.
         RandFlipd(keys, prob=prob, spatial_axis=0),
         RandFlipd(keys, prob=prob, spatial_axis=1),
@@ -271,5 +364,5 @@ def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike,
         EnsureTyped("ich", data_type="tensor", dtype=torch.float32, track_meta=False),
         SelectItemsd(list(BATCH_KEYS)),
     ])
-    return Transforms(val_cached=Compose([load]), train_cached=Compose([load, CropIndicesd()]),
+    return Transforms(val_cached=Compose([load]), train_cached=Compose([load, CropIndicesd(intensity_unit=unit)]),
                       train_random=train_random, finalize=finalize)

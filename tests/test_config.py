@@ -109,13 +109,16 @@ def test_impossible_settings_are_all_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as caught:
         build_config(["--train_csv", str(tmp_path / "nope.csv"), "--batch_size", "0", "--lr", "-1", "--scratch_lr", "0",
                       "--hu_window", "100", "0", "--augmentation_prob", "2", "--target_spacing", "1", "0", "1",
-                      "--min_component_ml", "-1", "--decoder_loss_weight", "-0.5", "--hard_voxel_fraction", "0"])
+                      "--min_component_ml", "-1", "--decoder_loss_weight", "-0.5", "--hard_voxel_fraction", "0",
+                      "--hard_negative_crop_fraction", "1.5", "--empty_crop_dice_volume", "-0.1"])
     problems = "\n".join(caught.value.problems)
     for expected in ("nope.csv: file not found", "--val_csv is required", "--mask_dir is required",
                      "--batch_size must be >= 1, got 0", "--lr must be > 0", "--hu_window needs low < high",
                      "--augmentation_prob must be in [0, 1]", "--target_spacing values must be > 0",
                      "--scratch_lr must be > 0", "--min_component_ml must be >= 0 mL",
-                     "--decoder_loss_weight must be >= 0, got -0.5", "--hard_voxel_fraction must be in (0, 1], got 0"):
+                     "--decoder_loss_weight must be >= 0, got -0.5", "--hard_voxel_fraction must be in (0, 1], got 0",
+                     "--hard_negative_crop_fraction must be in [0, 1], got 1.5",
+                     "--empty_crop_dice_volume must be in [0, 1], got -0.1"):
         assert expected in problems
     assert len(caught.value.problems) >= 8
 

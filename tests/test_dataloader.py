@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 import data.budget
 import data.cohort
@@ -871,6 +872,107 @@ def test_crops_are_centred_on_blood_at_the_requested_rate():
         out = negative(empty)
         assert out["label"].sum() == 0 and out["image"][0, 8, 8, 8].item() > -2.0
     assert np.array_equal(item["image"], image)   # crops own their memory; the cached volume is untouched
+
+
+def _streak_phantom() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A z-scored head (brain 0, unit 1): a bone shell at +3, a streak at +0.5 (in the brain window ~ +35 HU) and
+    labelled blood at +0.8. Returns image, label and the streak's mask."""
+    image = np.full((1, 64, 64, 64), -3.0, dtype=np.float32)
+    image[:, 4:60, 4:60, 4:60] = 3.0                     # skull
+    image[:, 8:56, 8:56, 8:56] = 0.0                     # brain
+    streak = np.zeros((64, 64, 64), dtype=bool)
+    streak[20:23, 9:55, 40:44] = True                   # runs from the inner table across the head
+    image[0][streak] = 0.5
+    label = np.zeros((1, 64, 64, 64), dtype=np.uint8)
+    label[:, 30:36, 20:26, 20:26] = 1
+    image[0][label[0] > 0] = 0.8
+    return image, label, streak
+
+
+def test_hyperdense_tissue_clear_of_bone_and_blood_is_indexed_as_hard_negatives():
+    image, label, streak = _streak_phantom()
+    item = D.CropIndicesd()({"image": image, "label": label})
+    hard = np.zeros(streak.shape, dtype=bool)
+    hard.flat[item["label_hard_bg_indices"]] = True
+    assert item["label_hard_bg_indices"].dtype == np.int32 and item["has_hemorrhage"]
+    assert not (hard & (label[0] > 0)).any()                          # never the blood itself
+    bone = image[0] > 1.5
+    near_bone = ndimage.binary_dilation(bone, iterations=data.transforms.BONE_CLEARANCE_VOXELS)
+    assert not (hard & near_bone).any()                               # never the rim at the inner table
+    assert (hard >= (streak & ~near_bone)).all()                      # the whole streak away from bone
+    near_dense = ndimage.binary_dilation(streak | (label[0] > 0))
+    assert (hard <= near_dense).all()                                 # and nothing but it (and blood's edge)
+    # Plain brain has no hard negatives, and the threshold is in head-tissue units (it scales with the image).
+    plain = D.CropIndicesd()({"image": np.where(image > 0.1, np.where(image > 1.5, 3.0, 0.0), image).astype(np.float32),
+                              "label": np.zeros_like(label)})
+    assert plain["label_hard_bg_indices"].size == 0 and not plain["has_hemorrhage"]
+    wide_unit = D.CropIndicesd(intensity_unit=5.0)({"image": image, "label": label})
+    assert not set(wide_unit["label_hard_bg_indices"]) & set(np.flatnonzero(streak))   # +0.1 units: not dense
+
+
+def test_hard_negative_crops_are_centred_on_hyperdense_tissue_at_the_requested_rate():
+    image, label, streak = _streak_phantom()
+    image[0][label[0] > 0] = 0.0              # blood as dense as brain: the streak is the only hard negative
+    item = D.CropIndicesd()({"image": image, "label": label})
+    assert set(np.flatnonzero(streak)) >= set(item["label_hard_bg_indices"])
+
+    def on_streak(crop: D.RandHemorrhageCropd, scan: dict) -> list[bool]:
+        return [crop(scan)["image"][0, 8, 8, 8].item() == 0.5 for _ in range(300)]
+
+    for fraction in (0.0, 0.5, 1.0):
+        crop = D.RandHemorrhageCropd(16, 0.0, hard_negative_fraction=fraction)
+        crop.set_random_state(seed=0)
+        # Head crops land on the streak by chance ~0.3 % of the time; hard-negative crops always do.
+        assert abs(np.mean(on_streak(crop, item)) - fraction) < 0.08, fraction
+    # Blood-centred crops are not replaced.
+    crop = D.RandHemorrhageCropd(16, 1.0, hard_negative_fraction=1.0)
+    crop.set_random_state(seed=0)
+    assert all(crop(item)["label"][0, 8, 8, 8] == 1 for _ in range(50))
+    # An ICH-negative scan: every crop is a head crop, so hard negatives replace its "positive" draws too.
+    negative = D.CropIndicesd()({"image": image, "label": np.zeros_like(label)})
+    assert all(on_streak(crop, negative))
+    # Without hyperdense tissue the crop falls back to the head.
+    plain = dict(item, label_hard_bg_indices=np.zeros(0, dtype=np.int32))
+    crop = D.RandHemorrhageCropd(16, 0.0, hard_negative_fraction=1.0)
+    assert all(crop(plain)["image"][0, 8, 8, 8].item() > -3.0 for _ in range(50))
+    with pytest.raises(ValueError, match="hard_negative_fraction must be in"):
+        D.RandHemorrhageCropd(16, 0.5, hard_negative_fraction=1.5)
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_in_plane_rotation_turns_about_the_slice_axis_only(axis):
+    # Every slice holds its own constant value plus a bar of blood off-centre: a rotation about the slice axis moves
+    # the bar within its slices and leaves each slice's value where it was.
+    image = np.zeros((1, 24, 24, 24), dtype=np.float32)
+    view = [1, 1, 1, 1]
+    view[1 + axis] = 24
+    image += np.arange(24, dtype=np.float32).reshape(view)
+    label = np.zeros((1, 24, 24, 24), dtype=np.uint8)
+    bar = [slice(None), slice(10, 14), slice(10, 14), slice(10, 14)]
+    bar[1 + (axis + 1) % 3] = slice(18, 22)                       # off the rotation axis, so it moves
+    label[tuple(bar)] = 1
+    rotate = data.transforms.RandSliceRotated(prob=1.0, max_degrees=180)
+    rotate.set_random_state(seed=3)
+    moved = 0
+    for _ in range(10):
+        out = rotate({"image": torch.from_numpy(image), "label": torch.from_numpy(label), "slice_axis": axis})
+        rotated, rotated_label = np.asarray(out["image"])[0], np.asarray(out["label"])[0]
+        np.testing.assert_allclose(rotated, image[0], atol=1e-4)              # slices keep their values
+        assert set(np.unique(rotated_label)) <= {0, 1}
+        assert rotated_label.sum(axis=tuple(a for a in range(3) if a != axis)).nonzero()[0].tolist() == \
+            label[0].sum(axis=tuple(a for a in range(3) if a != axis)).nonzero()[0].tolist()   # same slices
+        moved += int(not np.array_equal(rotated_label, label[0]))
+    assert moved >= 8
+    off = data.transforms.RandSliceRotated(prob=1.0, max_degrees=0)
+    assert off({"image": image, "label": label, "slice_axis": axis})["image"] is image
+    never = data.transforms.RandSliceRotated(prob=0.0, max_degrees=180)
+    assert never({"image": image, "label": label, "slice_axis": axis})["label"] is label
+
+
+def test_the_slice_axis_is_the_one_with_the_largest_spacing():
+    from data.io import slice_axis
+    assert slice_axis((0.45, 0.45, 5.0)) == 2 and slice_axis((5.0, 0.5, 0.5)) == 0
+    assert slice_axis((1.0, 1.0, 1.0)) == 2 and slice_axis((2.0, 2.0, 1.0)) == 1      # ties: the last of them
 
 
 def test_training_crops_show_blood_anywhere_in_the_central_half_of_the_window(tmp_path):

@@ -219,6 +219,37 @@ def test_hard_voxel_fraction_averages_the_cross_entropy_of_the_hardest_voxels_on
         SegmentationLoss(ich_weight=0.0, hard_voxel_fraction=0)
 
 
+def test_empty_crop_dice_term_charges_false_positives_like_a_missed_share_of_a_bleed():
+    # Sample 0 holds blood, sample 1 none. With V = 1/8 of 512 voxels the empty crop's term is F / (2V + F), F the
+    # predicted foreground; the crop with blood keeps its Dice.
+    labels = torch.zeros(2, 1, 8, 8, 8)
+    labels[0, :, 2:6, 2:6, 2:6] = 1
+    logits = torch.full(labels.shape, -20.0)
+    logits[:, :, :4] = 20.0                          # the top half of both crops says blood
+    plain, charged = SegmentationLoss(ich_weight=0.0), SegmentationLoss(ich_weight=0.0, empty_crop_dice_volume=1 / 8)
+    foreground = torch.sigmoid(logits[1]).sum()
+    extra = float(foreground / (foreground + 2 * 64)) / 2          # averaged over the two samples
+    assert float(charged.mask_loss(logits, labels)) == pytest.approx(float(plain.mask_loss(logits, labels)) + extra,
+                                                                      rel=1e-5)
+    assert extra == pytest.approx(256 / (256 + 128) / 2, rel=1e-4)
+    # The positive crop's loss and gradient are unchanged; the empty crop's false positives get more gradient.
+    grads = []
+    for loss_fn in (plain, charged):
+        x = logits.clone().requires_grad_()
+        loss_fn.mask_loss(x, labels).backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0][0], grads[1][0])
+    soft = torch.zeros(labels.shape).requires_grad_()                # p = 0.5 everywhere: gradients are not saturated
+    charged.mask_loss(soft, labels).backward()
+    soft_plain = torch.zeros(labels.shape).requires_grad_()
+    plain.mask_loss(soft_plain, labels).backward()
+    assert bool((soft.grad[1] > soft_plain.grad[1]).all())           # pushes every empty-crop voxel further down
+    # Off by default, and a fraction.
+    assert SegmentationLoss(ich_weight=0.0).empty_crop_dice_volume == 0.0
+    with pytest.raises(ValueError, match="empty_crop_dice_volume must be in \\[0, 1\\], got 2"):
+        SegmentationLoss(ich_weight=0.0, empty_crop_dice_volume=2)
+
+
 def test_decoder_term_supervises_the_unrefined_masks_with_its_weight():
     labels = torch.zeros(2, 1, 8, 8, 8)
     labels[0, :, 2:6, 2:6, 2:6] = 1

@@ -163,8 +163,11 @@ def final_weights(output_dir):
 
 
 def test_killed_run_resumes_to_the_same_result(small_cohort, tmp_path, monkeypatch):
-    # The step schedule does not depend on --epochs, so a 1-epoch first run is a true prefix of the 3-epoch run.
-    schedule = ("--scheduler_type", "step", "--step_size", "1")
+    # The step schedule does not depend on --epochs, so a 1-epoch first run is a true prefix of the 3-epoch run. The
+    # CPU recipe's sampling, augmentation and loss options are on, so their random draws are covered too.
+    schedule = ("--scheduler_type", "step", "--step_size", "1", "--in_plane_rotation_deg", "180",
+                "--hard_negative_crop_fraction", "0.5", "--empty_crop_dice_volume", "0.01",
+                "--augmentation_prob", "0.5")
     straight = tmp_path / "straight"
     assert train.main(cli_args(small_cohort, straight, "--epochs", "3", *schedule)) == 0
 
