@@ -177,17 +177,19 @@ class CropIndicesd(MapTransform):
     ``label_fg_indices``: hemorrhage voxels. ``label_bg_indices``: head voxels without hemorrhage (image above its
     air minimum, so negative crops show tissue rather than air); more than ``max_head_indices`` are thinned to every
     k-th in raster order (see ``MAX_HEAD_INDICES``). A scan without hemorrhage gets its head voxels as both, so
-    every crop of an ICH-negative scan is head-centred. ``label_hard_bg_indices``: head voxels without hemorrhage
+    every crop of an ICH-negative scan is head-centred. ``label_hard_bg_indices`` (with ``hard_negatives``): head
+    voxels without hemorrhage
     whose 3-voxel mean is hyperdense (``HYPERDENSE_MARGIN``) yet clear of bone (``BONE_CLEARANCE_VOXELS``), thinned
     the same way; possibly empty. ``has_hemorrhage``: whether the label has any. ``air``: the image minimum, which
     pads crops. ``intensity_unit``: one head-tissue standard deviation in the image's units.
     """
 
     def __init__(self, image_key: str = "image", label_key: str = "label",
-                 max_head_indices: int = MAX_HEAD_INDICES, intensity_unit: float = 1.0):
+                 max_head_indices: int = MAX_HEAD_INDICES, intensity_unit: float = 1.0, hard_negatives: bool = False):
         super().__init__([image_key, label_key])
         self.image_key, self.label_key = image_key, label_key
         self.max_head_indices, self.intensity_unit = max_head_indices, intensity_unit
+        self.hard_negatives = hard_negatives
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
         d = dict(data)
@@ -202,7 +204,8 @@ class CropIndicesd(MapTransform):
             head = np.arange(label[0].size)
         d[BG_INDICES_KEY] = self._thin(head)
         d[FG_INDICES_KEY] = np.ascontiguousarray(blood, dtype=np.int32) if blood.size else d[BG_INDICES_KEY]
-        d[HARD_INDICES_KEY] = self._thin(self._hyperdense(image[0], head_mask, label[0] > 0))
+        if self.hard_negatives:  # a median, a dilation and a filter per scan: only for runs that draw from them
+            d[HARD_INDICES_KEY] = self._thin(self._hyperdense(image[0], head_mask, label[0] > 0))
         d[HAS_BLOOD_KEY] = bool(blood.size)
         d[AIR_KEY] = low
         return d
@@ -364,5 +367,6 @@ def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike,
         EnsureTyped("ich", data_type="tensor", dtype=torch.float32, track_meta=False),
         SelectItemsd(list(BATCH_KEYS)),
     ])
-    return Transforms(val_cached=Compose([load]), train_cached=Compose([load, CropIndicesd(intensity_unit=unit)]),
+    return Transforms(val_cached=Compose([load]), train_cached=Compose([load, CropIndicesd(
+                          intensity_unit=unit, hard_negatives=hard_negative_crop_fraction > 0)]),
                       train_random=train_random, finalize=finalize)

@@ -891,7 +891,8 @@ def _streak_phantom() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def test_hyperdense_tissue_clear_of_bone_and_blood_is_indexed_as_hard_negatives():
     image, label, streak = _streak_phantom()
-    item = D.CropIndicesd()({"image": image, "label": label})
+    assert "label_hard_bg_indices" not in D.CropIndicesd()({"image": image, "label": label})   # only when asked
+    item = D.CropIndicesd(hard_negatives=True)({"image": image, "label": label})
     hard = np.zeros(streak.shape, dtype=bool)
     hard.flat[item["label_hard_bg_indices"]] = True
     assert item["label_hard_bg_indices"].dtype == np.int32 and item["has_hemorrhage"]
@@ -903,17 +904,17 @@ def test_hyperdense_tissue_clear_of_bone_and_blood_is_indexed_as_hard_negatives(
     near_dense = ndimage.binary_dilation(streak | (label[0] > 0))
     assert (hard <= near_dense).all()                                 # and nothing but it (and blood's edge)
     # Plain brain has no hard negatives, and the threshold is in head-tissue units (it scales with the image).
-    plain = D.CropIndicesd()({"image": np.where(image > 0.1, np.where(image > 1.5, 3.0, 0.0), image).astype(np.float32),
+    plain = D.CropIndicesd(hard_negatives=True)({"image": np.where(image > 0.1, np.where(image > 1.5, 3.0, 0.0), image).astype(np.float32),
                               "label": np.zeros_like(label)})
     assert plain["label_hard_bg_indices"].size == 0 and not plain["has_hemorrhage"]
-    wide_unit = D.CropIndicesd(intensity_unit=5.0)({"image": image, "label": label})
+    wide_unit = D.CropIndicesd(intensity_unit=5.0, hard_negatives=True)({"image": image, "label": label})
     assert not set(wide_unit["label_hard_bg_indices"]) & set(np.flatnonzero(streak))   # +0.1 units: not dense
 
 
 def test_hard_negative_crops_are_centred_on_hyperdense_tissue_at_the_requested_rate():
     image, label, streak = _streak_phantom()
     image[0][label[0] > 0] = 0.0              # blood as dense as brain: the streak is the only hard negative
-    item = D.CropIndicesd()({"image": image, "label": label})
+    item = D.CropIndicesd(hard_negatives=True)({"image": image, "label": label})
     assert set(np.flatnonzero(streak)) >= set(item["label_hard_bg_indices"])
 
     def on_streak(crop: D.RandHemorrhageCropd, scan: dict) -> list[bool]:
@@ -929,12 +930,14 @@ def test_hard_negative_crops_are_centred_on_hyperdense_tissue_at_the_requested_r
     crop.set_random_state(seed=0)
     assert all(crop(item)["label"][0, 8, 8, 8] == 1 for _ in range(50))
     # An ICH-negative scan: every crop is a head crop, so hard negatives replace its "positive" draws too.
-    negative = D.CropIndicesd()({"image": image, "label": np.zeros_like(label)})
+    negative = D.CropIndicesd(hard_negatives=True)({"image": image, "label": np.zeros_like(label)})
     assert all(on_streak(crop, negative))
     # Without hyperdense tissue the crop falls back to the head.
     plain = dict(item, label_hard_bg_indices=np.zeros(0, dtype=np.int32))
     crop = D.RandHemorrhageCropd(16, 0.0, hard_negative_fraction=1.0)
     assert all(crop(plain)["image"][0, 8, 8, 8].item() > -3.0 for _ in range(50))
+    unindexed = {key: value for key, value in item.items() if key != "label_hard_bg_indices"}
+    assert sum(crop(unindexed)["image"][0, 8, 8, 8].item() == 0.5 for _ in range(50)) < 10   # head crops
     with pytest.raises(ValueError, match="hard_negative_fraction must be in"):
         D.RandHemorrhageCropd(16, 0.5, hard_negative_fraction=1.5)
 
