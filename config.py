@@ -32,7 +32,7 @@ PRETRAINED_DECODER_LR_SCALE = 0.1
 # config without the key predates it): checkpoints from before the mask refiner have none, nor dropped components,
 # and runs from before deep supervision trained without the decoder term.
 _ABSENT_FROM_OLDER_CONFIGS: dict[str, dict[str, Any]] = {
-    "model": {"mask_refiner": False, "min_component_ml": 0.0},
+    "model": {"mask_refiner": False, "min_component_ml": 0.0, "min_component_peak": 0.5},
     "train": {"decoder_loss_weight": 0.0}}
 
 
@@ -130,6 +130,9 @@ class ModelConfig:
     min_component_ml: float = _flag(
         "Prompt-free answers drop connected components smaller than this many mL (0: keep all); clicked answers "
         "keep what the clicks add.", default=0.3, metavar="ML")
+    min_component_peak: float = _flag(
+        "Prompt-free answers also drop connected components whose most confident voxel has a probability under "
+        "this (0.5: keep all): a blob is kept only with a confident core.", default=0.5, metavar="P")
 
 
 @dataclass(frozen=True)
@@ -318,6 +321,9 @@ class Config:
                             "(pass a local .pth path, 'turbo', or 'none' to train from scratch)")
         if not m.min_component_ml >= 0:
             problems.append(f"--min_component_ml must be >= 0 mL (0 keeps every component), got {m.min_component_ml}")
+        if not 0.5 <= m.min_component_peak < 1:
+            problems.append(f"--min_component_peak must be in [0.5, 1) (0.5 keeps every component), "
+                            f"got {m.min_component_peak}")
         if m.freeze_encoder and m.pretrained_checkpoint is None:
             problems.append("--freeze_encoder needs pretrained weights: without them it would freeze (and export) a "
                             "randomly initialised encoder; drop --pretrained_checkpoint none or --freeze_encoder")

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import metrics
 from distributed import RankGroup
-from inference import SIMULATED_CLICKS, drop_small_components, simulated_click_logits, sliding_window_logits
+from inference import SIMULATED_CLICKS, drop_components, simulated_click_logits, sliding_window_logits
 from objective import SegmentationLoss
 
 # Called once per validation with the first ICH-positive scan: (batch, image, label, prediction).
@@ -33,18 +33,19 @@ def headline_dice(summary: dict[str, float]) -> float:
 def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device, roi_size: int,
              amp_dtype: torch.dtype | None, loss_fn: SegmentationLoss, spacing: tuple[float, float, float],
              ranks: RankGroup, progress: bool = True, on_first_positive: OnPositive | None = None,
-             min_component_ml: float = 0.0) -> dict[str, Any]:
+             min_component_ml: float = 0.0, min_component_peak: float = 0.5) -> dict[str, Any]:
     """``val_*`` statistics of ``model`` (in eval mode) on every scan of ``loader``: loss, Dice prompt-free
     (positives: ``val_dice``; all scans: ``val_dice_all``), Dice after 1/3/5 clicks, HD95, volume error (mL),
     false-positive mL on negatives, detection sensitivity/specificity. The prompt-free answer drops components
-    under ``min_component_ml`` (as ``predict.py`` does) before the loss, the metrics and the clicks see it."""
+    under ``min_component_ml`` or without a voxel of probability ``min_component_peak`` (as ``predict.py`` does)
+    before the loss, the metrics and the clicks see it."""
     rows: list[dict[str, Any]] = []
     click_rows: dict[int, list[dict[str, Any]]] = {k: [] for k in SIMULATED_CLICKS}
     for batch in tqdm(loader, desc="validation", disable=None if progress else True, leave=False):
         image = batch["image"].to(device)
         label = batch["label"].to(device)
-        logits = drop_small_components(sliding_window_logits(model, image, roi_size, amp_dtype), spacing,
-                                       min_component_ml)
+        logits = drop_components(sliding_window_logits(model, image, roi_size, amp_dtype), spacing,
+                                 min_component_ml, min_component_peak)
         loss, _ = loss_fn([logits], None, label)
         prediction = logits > 0
         case_id = str(batch.get("case_id", [len(rows)])[0])

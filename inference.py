@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -123,15 +124,18 @@ class Click:
     positive: bool
 
 
-def drop_small_components(logits: torch.Tensor, spacing: Sequence[float], min_ml: float) -> torch.Tensor:
+def drop_components(logits: torch.Tensor, spacing: Sequence[float], min_ml: float,
+                    min_peak: float = 0.5) -> torch.Tensor:
     """``logits`` (1×1×D×H×W, voxel ``spacing`` in mm) without the foreground components (6-connected, logits > 0)
-    smaller than ``min_ml``: their voxels' logits are negated (the same confidence, now for background), so the
-    probability map and every threshold above 0.5 agree. The input itself when ``min_ml`` <= 0 or nothing is dropped.
+    smaller than ``min_ml`` or whose most confident voxel has a probability under ``min_peak`` (hysteresis
+    thresholding: a blob is kept only with a confident core). Dropped voxels' logits are negated (the same
+    confidence, now for background), so the probability map and every threshold above 0.5 agree. The input itself
+    when neither criterion can drop anything (``min_ml`` <= 0 and ``min_peak`` <= 0.5) or nothing is dropped.
 
     Prompt-free answers only: a component a user's click produced is the user's decision. scipy labels the
-    components (MONAI's RemoveSmallObjects needs scikit-image, which is not a dependency).
+    components (MONAI's RemoveSmallObjects needs scikit-image, which is not a dependency, and has no peak rule).
     """
-    if min_ml <= 0:
+    if min_ml <= 0 and min_peak <= 0.5:
         return logits
     foreground = (logits[0, 0] > 0).cpu().numpy()
     components, count = ndimage.label(foreground)
@@ -139,10 +143,14 @@ def drop_small_components(logits: torch.Tensor, spacing: Sequence[float], min_ml
         return logits
     voxel_ml = float(np.prod(spacing)) / 1000.0
     sizes_ml = np.bincount(components.ravel())[1:] * voxel_ml
-    small = 1 + np.flatnonzero(sizes_ml < min_ml)
-    if small.size == 0:
+    weak = sizes_ml < min_ml
+    if min_peak > 0.5:
+        peaks = ndimage.maximum(logits[0, 0].float().cpu().numpy(), components, np.arange(1, count + 1))
+        weak |= np.asarray(peaks) < math.log(min_peak / (1.0 - min_peak))
+    dropped_ids = 1 + np.flatnonzero(weak)
+    if dropped_ids.size == 0:
         return logits
-    dropped = torch.from_numpy(np.isin(components, small)).to(logits.device)[None, None]
+    dropped = torch.from_numpy(np.isin(components, dropped_ids)).to(logits.device)[None, None]
     return torch.where(dropped, -logits, logits)
 
 

@@ -49,7 +49,7 @@ from data.io import (IMAGE_SUFFIXES, MaskIndex, VolumeLoadError, case_id_from_pa
 from data.preprocess import Preprocessing, preprocess_image, resample_to_shape
 from data.records import Problem
 from ensemble import resolve_checkpoints, shared_preprocessing
-from inference import (MIRROR_AXES, SIMULATED_CLICKS, Click, apply_clicks, choose_amp_dtype, drop_small_components,
+from inference import (MIRROR_AXES, SIMULATED_CLICKS, Click, apply_clicks, choose_amp_dtype, drop_components,
                        mirrored_logits, simulated_click_logits)
 from model import CheckpointError, model_from_trained, read_trained_checkpoint
 
@@ -73,6 +73,7 @@ class PredictConfig:
     use_mixed_precision: bool
     tta: str = "mirror"
     simulate_clicks: list[int] = dataclasses.field(default_factory=lambda: list(SIMULATED_CLICKS))
+    min_component_peak: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min_component_ml", type=float, default=None, metavar="ML",
                         help="Drop prompt-free components smaller than this (mL; 0 keeps all). Default: the value "
                              "the checkpoint was trained and validated with (0.3 mL; 0 for older checkpoints).")
+    parser.add_argument("--min_component_peak", type=float, default=None, metavar="P",
+                        help="Also drop prompt-free components whose most confident voxel is under this probability "
+                             "(0.5 keeps all). Default: the value the checkpoint was trained and validated with.")
     parser.add_argument("--save_probabilities", action="store_true", help="Also write <stem>_prob.nii.gz.")
     parser.add_argument("--save_png", action="store_true", help="Also write <stem>.png: slices with most blood.")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="Compute device.")
@@ -175,7 +179,8 @@ class Predictor:
     first member's."""
 
     def __init__(self, checkpoints: Path | Sequence[Path], device: torch.device, use_mixed_precision: bool = False,
-                 min_component_ml: float | None = None, mirror_axes: Sequence[int] = MIRROR_AXES):
+                 min_component_ml: float | None = None, mirror_axes: Sequence[int] = MIRROR_AXES,
+                 min_component_peak: float | None = None):
         self.checkpoints = [Path(checkpoints)] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
         self.models, configs, preprocessings = [], [], []
         for checkpoint in self.checkpoints:
@@ -195,6 +200,8 @@ class Predictor:
         # An ensemble drops what its first member was validated with, unless the caller chooses.
         self.min_component_ml = (self.config.model.min_component_ml if min_component_ml is None
                                  else float(min_component_ml))
+        self.min_component_peak = (self.config.model.min_component_peak if min_component_peak is None
+                                   else float(min_component_peak))
         self.mirror_axes = tuple(mirror_axes)
 
     def prepare(self, image: np.ndarray, spacing: Sequence[float]) -> torch.Tensor:
@@ -217,9 +224,9 @@ class Predictor:
         moved = [Click(to_model_grid(c.point, image.shape, volume.shape[2:]), c.positive) for c in clicks]
         probabilities = torch.zeros_like(volume)
         for model in self.models:
-            free = drop_small_components(
+            free = drop_components(
                 mirrored_logits(model, volume, self.roi_size, self.amp_dtype, self.mirror_axes),
-                self.preprocessing.target_spacing, self.min_component_ml)
+                self.preprocessing.target_spacing, self.min_component_ml, self.min_component_peak)
             logits = apply_clicks(model, volume, free, moved, self.roi_size, self.amp_dtype) if moved else free
             probabilities += torch.sigmoid(logits) / len(self.models)
         simulated: dict[int, np.ndarray] = {}
@@ -249,7 +256,7 @@ def to_model_grid(point: Sequence[float], shape: Sequence[int], model_shape: Seq
 
 def largest_component_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
     """Volume (mL) of the largest 6-connected blob of ``mask`` (scipy labels it, as
-    ``inference.drop_small_components`` does and says why)."""
+    ``inference.drop_components`` does and says why)."""
     components, count = ndimage.label(mask > 0)
     if count == 0:
         return 0.0
@@ -297,7 +304,8 @@ def run(config: PredictConfig) -> int:
     masks = MaskIndex(config.mask_dir) if config.mask_dir else None
     device = utils.resolve_device(config.device)
     predictor = Predictor(resolve_checkpoints(config.checkpoint), device, config.use_mixed_precision,
-                          config.min_component_ml, MIRROR_AXES if config.tta == "mirror" else ())
+                          config.min_component_ml, MIRROR_AXES if config.tta == "mirror" else (),
+                          min_component_peak=config.min_component_peak)
     threshold_ml = (config.detection_threshold_ml if config.detection_threshold_ml is not None
                     else metrics.DEFAULT_DETECTION_THRESHOLD_ML)
     if len(predictor.models) > 1 and config.simulate_clicks and masks is not None:
@@ -432,6 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(_points_value_attached(sys.argv[1:] if argv is None else argv))
     if args.min_component_ml is not None and not args.min_component_ml >= 0:
         parser.error(f"--min_component_ml must be >= 0 mL (0 keeps every component), got {args.min_component_ml}")
+    if args.min_component_peak is not None and not 0.5 <= args.min_component_peak < 1:
+        parser.error(f"--min_component_peak must be in [0.5, 1) (0.5 keeps every component), "
+                     f"got {args.min_component_peak}")
     config = PredictConfig(**vars(args))
     try:
         guards.usable_folder(config.output_dir, "--output_dir")  # before the log file is opened in it

@@ -397,7 +397,8 @@ class Trainer:
         try:
             return evaluate(self.model, self.val_loader, self.device, self.roi_size, self.amp_dtype, self.loss_fn,
                             self.preprocessing.target_spacing, self.ranks, progress=self.is_main,
-                            on_first_positive=on_positive, min_component_ml=self.config.model.min_component_ml)
+                            on_first_positive=on_positive, min_component_ml=self.config.model.min_component_ml,
+                            min_component_peak=self.config.model.min_component_peak)
         finally:
             self.model.train()
 

@@ -53,8 +53,8 @@ logger = logging.getLogger("ichseg.learning_bench")
 # The cross-entropy over the hardest 10 % of each crop's voxels (TopK): multifocal 0.793 / 0.710 -> 0.855 / 0.872
 # over seeds 0 / 1, its subdural crescents found. One validation, at the end: the last epoch was the best in every
 # benchmark run with two, and validation does not change what is trained. Measured and not (yet) in the recipe:
-# --in_plane_rotation_deg 180, --hard_negative_crop_fraction 0.5 with --empty_crop_dice_volume 0.01, and all three
-# together (results/learning_bench.md, "Opt-in options").
+# --in_plane_rotation_deg 180, --hard_negative_crop_fraction 0.5 with --empty_crop_dice_volume 0.01, all three
+# together, and --min_component_peak (results/learning_bench.md, "Opt-in options" and "Re-measured").
 RECIPE = ["--model", "tiny", "--device", "cpu", "--epochs", "40", "--max_steps_per_epoch", "10", "--lr", "2e-3",
           "--scratch_lr", "4e-3", "--gradient_accumulation_steps", "1", "--scheduler_type", "cosine",
           "--warmup_epochs", "1", "--click_rounds", "1", "--target_spacing", "1.5", "1.5", "1.5",

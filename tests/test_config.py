@@ -110,7 +110,8 @@ def test_impossible_settings_are_all_reported_at_once(tmp_path):
         build_config(["--train_csv", str(tmp_path / "nope.csv"), "--batch_size", "0", "--lr", "-1", "--scratch_lr", "0",
                       "--hu_window", "100", "0", "--augmentation_prob", "2", "--target_spacing", "1", "0", "1",
                       "--min_component_ml", "-1", "--decoder_loss_weight", "-0.5", "--hard_voxel_fraction", "0",
-                      "--hard_negative_crop_fraction", "1.5", "--empty_crop_dice_volume", "-0.1"])
+                      "--hard_negative_crop_fraction", "1.5", "--empty_crop_dice_volume", "-0.1",
+                      "--min_component_peak", "1"])
     problems = "\n".join(caught.value.problems)
     for expected in ("nope.csv: file not found", "--val_csv is required", "--mask_dir is required",
                      "--batch_size must be >= 1, got 0", "--lr must be > 0", "--hu_window needs low < high",
@@ -118,7 +119,8 @@ def test_impossible_settings_are_all_reported_at_once(tmp_path):
                      "--scratch_lr must be > 0", "--min_component_ml must be >= 0 mL",
                      "--decoder_loss_weight must be >= 0, got -0.5", "--hard_voxel_fraction must be in (0, 1], got 0",
                      "--hard_negative_crop_fraction must be in [0, 1], got 1.5",
-                     "--empty_crop_dice_volume must be in [0, 1], got -0.1"):
+                     "--empty_crop_dice_volume must be in [0, 1], got -0.1",
+                     "--min_component_peak must be in [0.5, 1) (0.5 keeps every component), got 1.0"):
         assert expected in problems
     assert len(caught.value.problems) >= 8
 
@@ -131,11 +133,12 @@ def test_overwrite_and_resume_contradict_each_other(cohort_files):
 def test_configs_saved_before_the_new_settings_still_load():
     raw = Config().to_dict()
     del raw["train"]["overwrite"], raw["data"]["allow_unusual_masks"], raw["model"]["min_component_ml"]
-    del raw["train"]["decoder_loss_weight"]
+    del raw["train"]["decoder_loss_weight"], raw["model"]["min_component_peak"]
     config = Config.from_dict(raw)
     assert config.train.overwrite is False and config.data.allow_unusual_masks is False
     assert config.model.min_component_ml == 0.0  # older runs kept every component
     assert Config().model.min_component_ml == 0.3
+    assert config.model.min_component_peak == 0.5  # ... and had no peak rule
     assert config.train.decoder_loss_weight == 0.0  # older runs trained without the decoder term (resume keeps it)
     assert Config().train.decoder_loss_weight == 0.3
 

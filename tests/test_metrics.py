@@ -233,17 +233,35 @@ def test_small_prompt_free_components_are_dropped_by_volume():
     logits = torch.full((1, 1, 20, 20, 20), -3.0)
     logits[0, 0, 2:8, 2:8, 2:8] = 4.0        # 216 voxels: 1.728 mL at 2 mm
     logits[0, 0, 15:17, 15:17, 15:18] = 2.0  # 12 voxels: 0.096 mL at 2 mm, 0.012 mL at 1 mm
-    kept = inference.drop_small_components(logits, (2.0, 2.0, 2.0), 0.3)
+    kept = inference.drop_components(logits, (2.0, 2.0, 2.0), 0.3)
     assert int((kept > 0).sum()) == 216
     assert torch.equal(kept[0, 0, 15:17, 15:17, 15:18], torch.full((2, 2, 3), -2.0))  # same confidence, background
     assert torch.equal(kept[logits < 0], logits[logits < 0])
     # The threshold is a volume: at 10 mm voxels the speck is 12 mL and stays; 0 keeps everything.
-    assert inference.drop_small_components(logits, (10.0, 10.0, 10.0), 0.3) is logits
-    assert inference.drop_small_components(logits, (2.0, 2.0, 2.0), 0.0) is logits
+    assert inference.drop_components(logits, (10.0, 10.0, 10.0), 0.3) is logits
+    assert inference.drop_components(logits, (2.0, 2.0, 2.0), 0.0) is logits
     # Components are 6-connected: two voxels touching only at an edge are two specks.
     diagonal = torch.full((1, 1, 6, 6, 6), -1.0)
     diagonal[0, 0, 2, 2, 2] = diagonal[0, 0, 2, 3, 3] = 1.0
-    assert int((inference.drop_small_components(diagonal, (5.0, 5.0, 5.0), 0.2) > 0).sum()) == 0
+    assert int((inference.drop_components(diagonal, (5.0, 5.0, 5.0), 0.2) > 0).sum()) == 0
+
+
+def test_prompt_free_components_without_a_confident_core_are_dropped():
+    logits = torch.full((1, 1, 20, 20, 20), -3.0)
+    logits[0, 0, 2:8, 2:8, 2:8] = 1.0          # a 1.7 mL blob at probability 0.73 ...
+    logits[0, 0, 4, 4, 4] = 6.0                # ... with one voxel at 0.998: kept whole
+    logits[0, 0, 12:18, 12:18, 12:18] = 2.5    # a blob of the same size whose peak is 0.924: dropped
+    kept = inference.drop_components(logits, (2.0, 2.0, 2.0), 0.0, min_peak=0.99)
+    assert torch.equal(kept[0, 0, 2:8, 2:8, 2:8], logits[0, 0, 2:8, 2:8, 2:8])
+    assert torch.equal(kept[0, 0, 12:18, 12:18, 12:18], torch.full((6, 6, 6), -2.5))
+    assert torch.equal(kept[logits < 0], logits[logits < 0])
+    # The peak is compared as a probability: 0.92 keeps both, 0.5 (the default) leaves the input untouched.
+    assert int((inference.drop_components(logits, (2.0, 2.0, 2.0), 0.0, min_peak=0.92) > 0).sum()) == 2 * 216
+    assert inference.drop_components(logits, (2.0, 2.0, 2.0), 0.0) is logits
+    # Both rules at once: size drops the small confident speck, the peak rule the large unsure blob.
+    logits[0, 0, 10, 2, 2] = 8.0
+    both = inference.drop_components(logits, (2.0, 2.0, 2.0), 0.3, min_peak=0.99)
+    assert int((both > 0).sum()) == 216 and float(both[0, 0, 10, 2, 2]) == -8.0
 
 
 def test_icc_2_1_matches_shrout_and_fleiss():

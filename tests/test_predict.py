@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import pickle
 import shutil
 
@@ -14,8 +15,10 @@ from monai.metrics import compute_dice
 import data.cohort
 import data.io
 import predict
+from config import Config, ModelConfig
 from dataloader import case_id_from_path, find_mask, load_image_file, load_mask_file
 from inference import Click
+from model import build_model
 
 
 def read_csv(path):
@@ -241,11 +244,6 @@ def test_unusable_output_dir_is_one_line(tmp_path, caplog, case):
 
 def untrained_tiny_checkpoint(path):
     """A checkpoint of the tiny model as train.py writes it, untrained (predict's checks need no trained model)."""
-    import dataclasses
-
-    from config import Config, ModelConfig
-    from model import build_model
-
     config = Config(model=ModelConfig(name="tiny"))
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, target_spacing=(3.0, 3.0, 3.0)))
     torch.save({"model_state_dict": build_model(config.model).state_dict(), "config": config.to_dict()}, path)
@@ -285,9 +283,16 @@ def test_small_components_dropped_as_the_checkpoint_was_validated_unless_overrid
     device = torch.device("cpu")
     assert predict.Predictor(checkpoint, device).min_component_ml == 0.3           # the run's setting travels
     assert predict.Predictor(checkpoint, device, min_component_ml=0).min_component_ml == 0.0
-    with pytest.raises(SystemExit) as caught:
-        predict.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path), "--min_component_ml", "-0.5"])
-    assert caught.value.code == 2
+    assert predict.Predictor(checkpoint, device).min_component_peak == Config().model.min_component_peak
+    assert predict.Predictor(checkpoint, device, min_component_peak=0.97).min_component_peak == 0.97
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"]["model"]["min_component_peak"] = 0.9      # a run trained with the peak rule keeps it here
+    torch.save(state, tmp_path / "peak.pth")
+    assert predict.Predictor(tmp_path / "peak.pth", device).min_component_peak == 0.9
+    for flag, value in (("--min_component_ml", "-0.5"), ("--min_component_peak", "0.3")):
+        with pytest.raises(SystemExit) as caught:
+            predict.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path), flag, value])
+        assert caught.value.code == 2
 
 
 def test_mirroring_is_the_default_and_tta_none_is_the_plain_sliding_window(trained_run, tmp_path, monkeypatch):
