@@ -36,6 +36,17 @@ _ABSENT_FROM_OLDER_CONFIGS: dict[str, dict[str, Any]] = {
     "train": {"decoder_loss_weight": 0.0}}
 
 
+def component_filter_problems(min_ml: float | None, min_peak: float | None) -> list[str]:
+    """Out-of-range settings of the prompt-free component filter (None: not given), for the training config and
+    ``predict.py``'s overrides alike."""
+    problems = []
+    if min_ml is not None and not min_ml >= 0:
+        problems.append(f"--min_component_ml must be >= 0 mL (0 keeps every component), got {min_ml}")
+    if min_peak is not None and not 0.5 <= min_peak < 1:
+        problems.append(f"--min_component_peak must be in [0.5, 1) (0.5 keeps every component), got {min_peak}")
+    return problems
+
+
 class ConfigError(ValueError):
     """Raised when the requested settings cannot work; ``problems`` has one line per problem."""
 
@@ -319,11 +330,7 @@ class Config:
         if m.pretrained_checkpoint not in (None, "turbo", "auto") and not Path(m.pretrained_checkpoint).is_file():
             problems.append(f"--pretrained_checkpoint {m.pretrained_checkpoint}: file not found "
                             "(pass a local .pth path, 'turbo', or 'none' to train from scratch)")
-        if not m.min_component_ml >= 0:
-            problems.append(f"--min_component_ml must be >= 0 mL (0 keeps every component), got {m.min_component_ml}")
-        if not 0.5 <= m.min_component_peak < 1:
-            problems.append(f"--min_component_peak must be in [0.5, 1) (0.5 keeps every component), "
-                            f"got {m.min_component_peak}")
+        problems += component_filter_problems(m.min_component_ml, m.min_component_peak)
         if m.freeze_encoder and m.pretrained_checkpoint is None:
             problems.append("--freeze_encoder needs pretrained weights: without them it would freeze (and export) a "
                             "randomly initialised encoder; drop --pretrained_checkpoint none or --freeze_encoder")

@@ -41,7 +41,7 @@ import metrics
 import report
 import reporting
 import utils
-from config import Config
+from config import Config, component_filter_problems
 from data.cohort import read_scan_csv
 from data.geometry import label_findings, load_mask_for_image
 from data.io import (IMAGE_SUFFIXES, MaskIndex, VolumeLoadError, case_id_from_path, in_image_axes, is_image_file,
@@ -438,11 +438,8 @@ def format_summary(summary: dict[str, float]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_points_value_attached(sys.argv[1:] if argv is None else argv))
-    if args.min_component_ml is not None and not args.min_component_ml >= 0:
-        parser.error(f"--min_component_ml must be >= 0 mL (0 keeps every component), got {args.min_component_ml}")
-    if args.min_component_peak is not None and not 0.5 <= args.min_component_peak < 1:
-        parser.error(f"--min_component_peak must be in [0.5, 1) (0.5 keeps every component), "
-                     f"got {args.min_component_peak}")
+    for problem in component_filter_problems(args.min_component_ml, args.min_component_peak):
+        parser.error(problem)
     config = PredictConfig(**vars(args))
     try:
         guards.usable_folder(config.output_dir, "--output_dir")  # before the log file is opened in it

@@ -177,11 +177,11 @@ class CropIndicesd(MapTransform):
     ``label_fg_indices``: hemorrhage voxels. ``label_bg_indices``: head voxels without hemorrhage (image above its
     air minimum, so negative crops show tissue rather than air); more than ``max_head_indices`` are thinned to every
     k-th in raster order (see ``MAX_HEAD_INDICES``). A scan without hemorrhage gets its head voxels as both, so
-    every crop of an ICH-negative scan is head-centred. ``label_hard_bg_indices`` (with ``hard_negatives``): head
-    voxels without hemorrhage
-    whose 3-voxel mean is hyperdense (``HYPERDENSE_MARGIN``) yet clear of bone (``BONE_CLEARANCE_VOXELS``), thinned
-    the same way; possibly empty. ``has_hemorrhage``: whether the label has any. ``air``: the image minimum, which
-    pads crops. ``intensity_unit``: one head-tissue standard deviation in the image's units.
+    every crop of an ICH-negative scan is head-centred. ``label_hard_bg_indices`` (only with ``hard_negatives``):
+    head voxels without hemorrhage whose 3-voxel mean is hyperdense (``HYPERDENSE_MARGIN``) yet clear of bone
+    (``BONE_CLEARANCE_VOXELS``), thinned the same way; possibly empty. ``has_hemorrhage``: whether the label has
+    any. ``air``: the image minimum, which pads crops. ``intensity_unit``: one head-tissue standard deviation in the
+    image's units.
     """
 
     def __init__(self, image_key: str = "image", label_key: str = "label",

@@ -904,8 +904,8 @@ def test_hyperdense_tissue_clear_of_bone_and_blood_is_indexed_as_hard_negatives(
     near_dense = ndimage.binary_dilation(streak | (label[0] > 0))
     assert (hard <= near_dense).all()                                 # and nothing but it (and blood's edge)
     # Plain brain has no hard negatives, and the threshold is in head-tissue units (it scales with the image).
-    plain = D.CropIndicesd(hard_negatives=True)({"image": np.where(image > 0.1, np.where(image > 1.5, 3.0, 0.0), image).astype(np.float32),
-                              "label": np.zeros_like(label)})
+    brain_and_bone = np.where(image > 0.1, np.where(image > 1.5, 3.0, 0.0), image).astype(np.float32)
+    plain = D.CropIndicesd(hard_negatives=True)({"image": brain_and_bone, "label": np.zeros_like(label)})
     assert plain["label_hard_bg_indices"].size == 0 and not plain["has_hemorrhage"]
     wide_unit = D.CropIndicesd(intensity_unit=5.0, hard_negatives=True)({"image": image, "label": label})
     assert not set(wide_unit["label_hard_bg_indices"]) & set(np.flatnonzero(streak))   # +0.1 units: not dense
