@@ -102,12 +102,19 @@ class DataConfig:
         "Fraction of the other training crops (all crops of ICH-negative scans) centred on hyperdense tissue that "
         "is not hemorrhage and not next to bone (streaks, dense brain): the look-alikes a model calls blood.",
         default=0.0)
+    hard_case_fraction: float = _flag(
+        "Fraction of each epoch's training scans drawn in proportion to their recent training loss (the rest "
+        "uniformly, with replacement when > 0): a kind of bleed seen in one scan gets the crops it needs.",
+        default=0.0, metavar="FRACTION")
     augmentation_prob: float = _flag("Probability of each random augmentation (flip, affine, intensity).",
                                      default=0.3)
     in_plane_rotation_deg: float = _flag(
         "Training crops are also rotated about the scan's slice axis (largest spacing) by up to this many degrees "
         "(with --augmentation_prob; 0: off): a bleed along the skull looks alike at every position around it.",
         default=0.0, metavar="DEG")
+    scale_augmentation: float = _flag(
+        "The affine augmentation scales each axis by a factor drawn from 1 ± this (with --augmentation_prob): "
+        "bleeds thinner and thicker than the ones in training.", default=0.1, metavar="FRACTION")
     num_workers: int | None = _flag("DataLoader worker processes (default: chosen from CPU count and free RAM).",
                                     default=None)
     allow_patient_overlap: bool = _flag(
@@ -315,11 +322,14 @@ class Config:
             problems.append(f"--lr_decay_factor must be in (0, 1), got {t.lr_decay_factor}")
         for name, value in (("positive_crop_fraction", d.positive_crop_fraction),
                             ("hard_negative_crop_fraction", d.hard_negative_crop_fraction),
+                            ("hard_case_fraction", d.hard_case_fraction),
                             ("augmentation_prob", d.augmentation_prob)):
             if not 0.0 <= value <= 1.0:
                 problems.append(f"--{name} must be in [0, 1], got {value}")
         if not 0 <= d.in_plane_rotation_deg <= 180:
             problems.append(f"--in_plane_rotation_deg must be in [0, 180], got {d.in_plane_rotation_deg}")
+        if not 0 <= d.scale_augmentation < 1:
+            problems.append(f"--scale_augmentation must be in [0, 1), got {d.scale_augmentation}")
         if d.num_workers is not None and d.num_workers < 0:
             problems.append(f"--num_workers must be >= 0, got {d.num_workers}")
         for name, spacing in (("spacing", d.spacing), ("target_spacing", d.target_spacing)):

@@ -183,6 +183,10 @@ class SegmentationLoss(nn.Module):
 
     def mask_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean over samples of BCE + Dice·[target not empty]; logits, labels: B×1×D×H×W."""
+        return self.sample_mask_loss(logits, labels).mean()
+
+    def sample_mask_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``mask_loss`` per sample: (B,)."""
         logits = logits.float()
         voxel_bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").flatten(1)
         target = labels.flatten(1)
@@ -201,14 +205,17 @@ class SegmentationLoss(nn.Module):
             # F / (2V + F). Its gradient per false-positive voxel, ~1/(2V), matches what Dice puts on a positive crop.
             foreground = torch.sigmoid(logits.float()).flatten(1).sum(dim=1)
             reference = 2 * self.empty_crop_dice_volume * target.shape[1]
-            return (bce + torch.where(has_target, dice, foreground / (foreground + reference))).mean()
-        return (bce + dice * has_target.float()).mean()
+            return bce + torch.where(has_target, dice, foreground / (foreground + reference))
+        return bce + dice * has_target.float()
 
     def forward(self, masks: list[torch.Tensor], ich_logit: torch.Tensor | None, labels: torch.Tensor,
-                coarse_masks: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        mask_loss = torch.stack([self.mask_loss(m, labels) for m in masks]).mean()
+                coarse_masks: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(total loss, parts): ``parts`` holds each term as a float and ``sample_mask_loss``, the mask loss of
+        each sample (a detached (B,) tensor; hard-case sampling ranks scans by it)."""
+        sample_mask_loss = torch.stack([self.sample_mask_loss(m, labels) for m in masks]).mean(dim=0)
+        mask_loss = sample_mask_loss.mean()
         total = mask_loss
-        parts = {"mask_loss": float(mask_loss.detach())}
+        parts: dict[str, Any] = {"mask_loss": float(mask_loss.detach()), "sample_mask_loss": sample_mask_loss.detach()}
         if coarse_masks is not None and self.decoder_weight > 0:
             decoder_loss = torch.stack([self.mask_loss(m, labels) for m in coarse_masks]).mean()
             total = total + self.decoder_weight * decoder_loss

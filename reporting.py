@@ -105,6 +105,19 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+def _score(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def epoch_line(record: Mapping[str, Any], epochs: int, remaining_s: float, improved: bool) -> str:
+    """The training log's line for one finished epoch (``record``: the epoch's history entry)."""
+    clicks = "/".join(_score(record.get(f"val_dice_{k}click")) for k in (1, 3, 5))
+    return (f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  val Dice "
+            f"{_score(record.get('val_dice'))} (clicks 1/3/5: {clicks})  lr {record['lr']:.2e}  "
+            f"{format_duration(record['epoch_time_s'])} (data wait {100 * record.get('data_wait_fraction', 0.0):.0f}%)"
+            f"  ETA {format_duration(remaining_s)}{'  (new best)' if improved else ''}")
+
+
 class EtaEstimator:
     """Time left from the mean duration of the last ``window`` training epochs and validations.
 

@@ -13,9 +13,7 @@ import dataclasses
 import logging
 import math
 import signal
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -28,6 +26,7 @@ import reporting
 import tracking
 import utils
 from config import Config
+from data.case_sampling import HardCaseSampling
 from data.preprocess import Preprocessing
 from inference import autocast_context, choose_amp_dtype
 from distributed import RankGroup
@@ -81,7 +80,7 @@ class Trainer:
     def __init__(self, config: Config, model: nn.Module, train_loader: Any, val_loader: Any,
                  device: torch.device, tracker: tracking.Tracker, output_dir: Path, *, rank: int = 0,
                  world_size: int = 1,
-                 set_loader_epoch: Callable[[Any, int], None] | None = None,
+                 set_loader_epoch: Callable[..., None] | None = None,
                  extra_summary: dict[str, Any] | None = None, preprocessing: Preprocessing | None = None):
         self.config = config
         self.model = model.to(device)
@@ -92,7 +91,7 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
         self.ranks = RankGroup(world_size, device)
-        self.set_loader_epoch = set_loader_epoch or (lambda loader, epoch: None)
+        self.set_loader_epoch = set_loader_epoch or (lambda loader, epoch, **_: None)
         self.extra_summary = extra_summary or {}
         t = config.train
 
@@ -110,6 +109,9 @@ class Trainer:
         self.loss_fn = SegmentationLoss(t.ich_loss_weight, t.decoder_loss_weight, t.hard_voxel_fraction,
                                         t.empty_crop_dice_volume)
         self.early_stopping = EarlyStopping(patience=t.patience)
+        sampler = getattr(train_loader, "sampler", None)
+        self.hard_cases = (HardCaseSampling(sampler.case_ids, config.data.hard_case_fraction, sampler.case_ich or None)
+                           if config.data.hard_case_fraction > 0 and getattr(sampler, "case_ids", None) else None)
         self.prompt_generator = torch.Generator().manual_seed(t.seed + 1)
 
         step_module: nn.Module = PromptedSegmentation(self.model)
@@ -141,7 +143,7 @@ class Trainer:
         """Train until ``epochs``, early stopping or a signal; returns the training summary."""
         self.on_fit_start()
         try:
-            with self._signals_handled():
+            with utils.stop_signals_to(self._request_stop):
                 for epoch in range(self.start_epoch, self.config.train.epochs):
                     self.on_epoch_start(epoch)
                     train_stats = self.train_epoch(epoch)
@@ -170,7 +172,8 @@ class Trainer:
 
     def on_epoch_start(self, epoch: int) -> None:
         self.memory.reset()
-        self.set_loader_epoch(self.train_loader, epoch)
+        weights = {"case_weights": self.hard_cases.weights()} if self.hard_cases is not None else {}
+        self.set_loader_epoch(self.train_loader, epoch, **weights)
         if self.progress.epoch != epoch:
             self.progress = EpochProgress(epoch=epoch)
 
@@ -202,13 +205,7 @@ class Trainer:
         self.eta.update(record["epoch_time_s"], val_stats.get("val_time_s"))
         remaining = self.eta.eta_seconds(self.config.train.epochs - epoch - 1, sum(
             self._is_validation_epoch(e) for e in range(epoch + 1, self.config.train.epochs)))
-        logger.info("epoch %d/%d  loss %.4f  val Dice %s (clicks 1/3/5: %s/%s/%s)  lr %.2e  %s (data wait %.0f%%)  "
-                    "ETA %s%s", epoch + 1, self.config.train.epochs, train_stats["train_loss"],
-                    _fmt(val_stats.get("val_dice")), _fmt(val_stats.get("val_dice_1click")),
-                    _fmt(val_stats.get("val_dice_3click")), _fmt(val_stats.get("val_dice_5click")), self._current_lr(),
-                    reporting.format_duration(record["epoch_time_s"]),
-                    100 * train_stats.get("data_wait_fraction", 0.0), reporting.format_duration(remaining),
-                    "  (new best)" if improved else "")
+        logger.info("%s", reporting.epoch_line(record, self.config.train.epochs, remaining, improved))
 
     def on_fit_end(self) -> dict[str, Any]:
         summary = {
@@ -297,6 +294,8 @@ class Trainer:
                             lr=f"{self._current_lr():.1e}")
             fetch_started = time.time()
         bar.close()
+        if self.hard_cases is not None:
+            self.hard_cases.end_epoch(self.ranks.gather)
         mean_loss = progress.loss_sum / progress.loss_count if progress.loss_count else math.nan
         elapsed = time.time() - started
         return {"train_loss": self.ranks.mean(mean_loss), "epoch_time_s": elapsed,
@@ -312,7 +311,7 @@ class Trainer:
         try:
             with autocast_context(self.device, self.amp_dtype):
                 out = self.step_module(images, labels, rounds, self.prompt_generator)
-                loss, _ = self.loss_fn(out["masks"], out["ich_logit"], labels, out["coarse_masks"])
+                loss, parts = self.loss_fn(out["masks"], out["ich_logit"], labels, out["coarse_masks"])
             # A host sync per micro-batch, accepted so that a NaN never reaches the weights. Under DDP the skip is
             # decided together: a rank that skipped backward while the others ran it would pair its next
             # gradient all-reduce with their current one (silently mixed gradients, then a hang or a crash).
@@ -321,6 +320,8 @@ class Trainer:
                 return None
             self.consecutive_nonfinite = 0
             self.scaler.scale(loss / group_size).backward()
+            if self.hard_cases is not None:
+                self.hard_cases.record(batch["case_id"], parts["sample_mask_loss"].tolist())
             return float(loss.detach())
         except torch.OutOfMemoryError:
             self._on_out_of_memory(batch)
@@ -437,6 +438,7 @@ class Trainer:
             "wandb_run_id": self.tracker.run_id,
             "config": self.config.to_dict(),
             "preprocessing": self.preprocessing.to_dict(),
+            "hard_cases": self.hard_cases.state_dict() if self.hard_cases is not None else None,
         }
 
     def save_checkpoint(self, path: Path) -> None:
@@ -474,6 +476,8 @@ class Trainer:
         utils.restore_rng_state(state["rng_state"])
         self.prompt_generator.set_state(state["prompt_generator_state"])
         self._resumed_run_id = state.get("wandb_run_id")
+        if self.hard_cases is not None and state.get("hard_cases"):
+            self.hard_cases.load_state_dict(state["hard_cases"])
         if self.start_epoch >= self.config.train.epochs:
             logger.warning("%s already completed %d epochs and --epochs is %d: nothing left to train (raise "
                            "--epochs to continue)", path, self.start_epoch, self.config.train.epochs)
@@ -481,26 +485,12 @@ class Trainer:
                     self.start_epoch + 1, self.progress.batches_done, self.early_stopping.best)
 
     # ------------------------------------------------------------------------------------------------ signals
-    @contextmanager
-    def _signals_handled(self) -> Iterator[None]:
+    def _request_stop(self, signum: int) -> None:
         """SIGINT/SIGTERM ask for a stop at the next optimiser step, where the state is consistent."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def request_stop(signum: int, _frame: Any) -> None:
-            if self._stop_signal is not None:
-                raise KeyboardInterrupt  # a second Ctrl-C means now
-            self._stop_signal = signum
-            logger.warning("received %s: saving latest_model.pth at the next optimiser step",
-                           signal.Signals(signum).name)
-
-        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C means now
+        self._stop_signal = signum
+        logger.warning("received %s: saving latest_model.pth at the next optimiser step", signal.Signals(signum).name)
 
     def _interrupt(self) -> None:
         self.stop_reason = "interrupted"
@@ -510,6 +500,3 @@ class Trainer:
             f"stopped by {signal.Signals(self._stop_signal).name}; state saved to "
             f"{self.output_dir / LATEST_NAME}. Resume with the same command plus --resume auto")
 
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"

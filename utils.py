@@ -16,9 +16,11 @@ import platform
 import random
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
-from typing import IO, Any, Iterator, Mapping
+from typing import IO, Any, Callable, Iterator, Mapping
 
 import numpy as np
 import psutil
@@ -469,3 +471,19 @@ def setup_logging(output_dir: str | os.PathLike | None, rank: int = 0, level: in
         root.addHandler(file_handler)
 
     logging.captureWarnings(True)
+
+
+@contextlib.contextmanager
+def stop_signals_to(handler: Callable[[int], None]) -> Iterator[None]:
+    """Inside the block, SIGINT and SIGTERM call ``handler(signum)``; the previous handlers come back after it.
+    Python delivers signals to the main thread only, so elsewhere (a run started from a worker thread) this does
+    nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, lambda signum, _frame: handler(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)

@@ -54,7 +54,9 @@ logger = logging.getLogger("ichseg.learning_bench")
 # over seeds 0 / 1, its subdural crescents found. One validation, at the end: the last epoch was the best in every
 # benchmark run with two, and validation does not change what is trained. Measured and not (yet) in the recipe:
 # --in_plane_rotation_deg 180, --hard_negative_crop_fraction 0.5 with --empty_crop_dice_volume 0.01, all three
-# together, and --min_component_peak (results/learning_bench.md, "Opt-in options" and "Re-measured").
+# together, --min_component_peak, --hard_case_fraction (repro's crescent found with every seed, the other cohorts
+# 0.01-0.03 lower) and --scale_augmentation 0.3 (results/learning_bench.md, "Opt-in options", "Re-measured" and
+# "Hard-case sampling").
 RECIPE = ["--model", "tiny", "--device", "cpu", "--epochs", "40", "--max_steps_per_epoch", "10", "--lr", "2e-3",
           "--scratch_lr", "4e-3", "--gradient_accumulation_steps", "1", "--scheduler_type", "cosine",
           "--warmup_epochs", "1", "--click_rounds", "1", "--target_spacing", "1.5", "1.5", "1.5",

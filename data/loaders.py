@@ -48,14 +48,33 @@ class EpochSampler(Sampler):
     wraps one, with world size 1 for a single process, so single- and multi-process runs share one permutation).
     Call ``set_epoch`` before each epoch."""
 
-    def __init__(self, inner: DistributedSampler):
+    def __init__(self, inner: DistributedSampler, case_ids: Sequence[str] = (), case_ich: Sequence[int] = ()):
         self.inner = inner
+        # The scans in dataset order and their ICH labels, for hard-case weights (data.case_sampling).
+        self.case_ids, self.case_ich = list(case_ids), list(case_ich)
         self.epoch = 0
+        self.case_weights: np.ndarray | None = None
         self._iterated: set[int] = set()
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, case_weights: np.ndarray | None = None) -> None:
+        """``case_weights`` (one per scan, dataset order; see data.case_sampling): the epoch's scans are drawn
+        with replacement in these proportions instead of the shuffled pass; None: the shuffled pass."""
         self.epoch = int(epoch)
         self.inner.set_epoch(self.epoch)
+        if case_weights is not None and len(case_weights) != len(self.inner.dataset):  # type: ignore[arg-type]
+            raise ValueError(f"{len(case_weights)} case weights for {len(self.inner.dataset)} scans")  # type: ignore
+        self.case_weights = None if case_weights is None else np.asarray(case_weights, dtype=np.float64)
+
+    def _order(self) -> list[int]:
+        if self.case_weights is None:
+            return list(self.inner)
+        # The same draw on every rank (seeded by seed and epoch only), each taking its share as DistributedSampler
+        # does: rank r gets draws r, r + world_size, ...
+        inner = self.inner
+        generator = torch.Generator().manual_seed(_derived_seed(inner.seed, 2, self.epoch))
+        draws = torch.multinomial(torch.from_numpy(self.case_weights), inner.total_size, replacement=True,
+                                  generator=generator).tolist()
+        return draws[inner.rank:inner.total_size:inner.num_replicas]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.epoch in self._iterated:
@@ -63,7 +82,7 @@ class EpochSampler(Sampler):
                            "the start of every epoch, or every epoch repeats the same crops", self.epoch)
         self._iterated.add(self.epoch)
         epoch = self.epoch
-        return iter([(index, epoch) for index in self.inner])
+        return iter([(index, epoch) for index in self._order()])
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -87,11 +106,14 @@ class StageDataset(torch.utils.data.Dataset):
         return self.transform(item)
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
+def set_epoch(loader: DataLoader, epoch: int, case_weights: np.ndarray | None = None) -> None:
     """Make ``loader``'s next pass epoch ``epoch``: the training sampler's order and every crop/augmentation depend
-    only on (seed, epoch). Call before iterating each epoch (also after resuming); harmless on the val loader."""
+    only on (seed, epoch) and ``case_weights`` (hard-case sampling, see EpochSampler.set_epoch). Call before
+    iterating each epoch (also after resuming); harmless on the val loader."""
     sampler = loader.sampler
-    if hasattr(sampler, "set_epoch"):
+    if isinstance(sampler, EpochSampler):
+        sampler.set_epoch(epoch, case_weights)
+    elif hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
 
 
@@ -209,7 +231,8 @@ def build_dataloaders(data_config: DataConfig, preprocessing: Preprocessing, coh
     transforms = build_transforms(preprocessing, cache_dir, data_config.positive_crop_fraction,
                                   data_config.augmentation_prob, augment_device=device if augment_on_device else None,
                                   hard_negative_crop_fraction=data_config.hard_negative_crop_fraction,
-                                  in_plane_rotation_deg=data_config.in_plane_rotation_deg)
+                                  in_plane_rotation_deg=data_config.in_plane_rotation_deg,
+                                  scale_augmentation=data_config.scale_augmentation)
     train_items = [_case_item(c, preprocessing) for c in cohort.train]
     val_items = [_case_item(c, preprocessing) for c in cohort.val]
 
@@ -244,7 +267,7 @@ def build_dataloaders(data_config: DataConfig, preprocessing: Preprocessing, coh
     # same crops) as step k of a single process whose batch is world_size times larger.
     inner = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                drop_last=False)
-    sampler = EpochSampler(inner)
+    sampler = EpochSampler(inner, case_ids=[c.case_id for c in cohort.train], case_ich=[c.ich for c in cohort.train])
     if augment_on_device:
         # Batches are born on the device: no pinning, no worker processes; one thread overlaps loading with compute.
         train_loader = ThreadDataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=False,

@@ -79,7 +79,7 @@ MAX_HEAD_INDICES = 2**18
 # Augmentation magnitudes in z-score units (1 ≈ one head-tissue standard deviation, about 50-70 HU once bone is
 # saturated); Preprocessing.intensity_unit converts them for the other normalisations.
 _ROTATE_RAD = math.radians(10.0)
-_SCALE_RANGE = 0.1
+DEFAULT_SCALE_RANGE = 0.1
 _INTENSITY_SCALE = 0.1
 _INTENSITY_SHIFT = 0.1
 _NOISE_STD = 0.05
@@ -324,7 +324,8 @@ class Transforms:
 
 def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike, positive_crop_fraction: float,
                      augmentation_prob: float, augment_device: torch.device | None = None,
-                     hard_negative_crop_fraction: float = 0.0, in_plane_rotation_deg: float = 0.0) -> Transforms:
+                     hard_negative_crop_fraction: float = 0.0, in_plane_rotation_deg: float = 0.0,
+                     scale_augmentation: float = DEFAULT_SCALE_RANGE) -> Transforms:
     """Train: train_cached → train_random → finalize; val: val_cached → finalize. Crops are
     ``preprocessing.input_size`` on a side.
 
@@ -332,8 +333,9 @@ def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike,
     (see CropIndicesd). The crop's chosen voxel (hemorrhage or head) lands anywhere within ±roi/4 of its centre
     (``CENTRE_JITTER_FRACTION``). Augmentations each fire with ``augmentation_prob``: a rotation about the slice
     axis within ±``in_plane_rotation_deg`` (on the jittered crop, before its sub-crop), a mirror per axis, a small
-    affine (±10° per axis, ±10 % scale; image bilinear with border padding, label nearest), intensity scale ±10 %,
-    shift ±0.1 and Gaussian noise σ 0.05 head-tissue standard deviations (``Preprocessing.intensity_unit``).
+    affine (±10° per axis, each axis scaled by 1 ± ``scale_augmentation``; image bilinear with border padding,
+    label nearest), intensity scale ±10 %, shift ±0.1 and Gaussian noise σ 0.05 head-tissue standard deviations
+    (``Preprocessing.intensity_unit``).
 
     With ``augment_device`` the crop (a cheap slice of the cached volume) is moved there before augmentation, so on
     a GPU the affine resampling — the costly step, ~0.5 s per 128³ crop on a CPU core — runs on the GPU."""
@@ -355,7 +357,7 @@ def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike,
         RandFlipd(keys, prob=prob, spatial_axis=0),
         RandFlipd(keys, prob=prob, spatial_axis=1),
         RandFlipd(keys, prob=prob, spatial_axis=2),
-        RandAffined(keys, prob=prob, rotate_range=(_ROTATE_RAD,) * 3, scale_range=(_SCALE_RANGE,) * 3,
+        RandAffined(keys, prob=prob, rotate_range=(_ROTATE_RAD,) * 3, scale_range=(scale_augmentation,) * 3,
                     mode=("bilinear", "nearest"), padding_mode=("border", "zeros"),
                     spatial_size=(roi_size,) * 3, cache_grid=True),
         RandScaleIntensityd("image", factors=_INTENSITY_SCALE, prob=prob),

@@ -1163,3 +1163,19 @@ def test_a_subdural_crescent_against_the_skull_is_blood_despite_its_partial_volu
     assert data.geometry.label_findings(volume, mask) is None
     shifted = np.roll(mask, -4, axis=1)                      # the same mask moved into the skull
     assert "bone" in data.geometry.label_findings(volume, shifted)
+
+
+def test_scale_augmentation_widens_the_range_of_bleed_sizes_in_crops(tmp_path):
+    """--scale_augmentation s scales each axis by 1 ± s: a 64-voxel bleed comes out far smaller and far larger
+    than the ±10 % default lets it (a thinner crescent than any in training is then no longer new)."""
+    image, label = _head_phantom()
+    preprocessing = data.transforms.Preprocessing((-100.0, 200.0), "zscore", (2.0, 2.0, 2.0), 16)
+    item = D.CropIndicesd()({"image": image, "label": label})
+    sizes = {}
+    for scale in (0.1, 0.5):
+        transforms = data.transforms.build_transforms(preprocessing, tmp_path, positive_crop_fraction=1.0,
+                                                      augmentation_prob=1.0, scale_augmentation=scale)
+        transforms.train_random.set_random_state(seed=0)
+        sizes[scale] = [int(transforms.train_random(item)["label"].sum()) for _ in range(60)]
+    assert 40 < min(sizes[0.1]) and max(sizes[0.1]) < 95
+    assert min(sizes[0.5]) < 30 and max(sizes[0.5]) > 150

@@ -96,9 +96,11 @@ def test_two_processes_train_like_one_and_resume(cohort, tmp_path):
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
 
     # 2 ranks × batch 1: epoch 1, then a second launch resumes for epoch 2 (all ranks load latest_model.pth).
-    first = torchrun(run_args(cohort, ddp_dir, 1, "--epochs", "1"))
+    # Hard-case sampling is on: epoch 2's draws depend on every rank's epoch-1 losses, pooled.
+    hard_cases = ("--hard_case_fraction", "0.5")
+    first = torchrun(run_args(cohort, ddp_dir, 1, "--epochs", "1", *hard_cases))
     assert first.returncode == 0, first.stdout[-4000:]
-    resumed = torchrun(run_args(cohort, ddp_dir, 1, "--epochs", "2", "--resume", "auto"))
+    resumed = torchrun(run_args(cohort, ddp_dir, 1, "--epochs", "2", "--resume", "auto", *hard_cases))
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     assert "resumed from" in resumed.stdout
     # One process × batch 2, both epochs straight through, on one thread like each rank: on a busy 2-core
@@ -106,7 +108,7 @@ def test_two_processes_train_like_one_and_resume(cohort, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert train.main(run_args(cohort, single_dir, 2, "--epochs", "2")) == 0
+        assert train.main(run_args(cohort, single_dir, 2, "--epochs", "2", *hard_cases)) == 0
     finally:
         torch.set_num_threads(threads)
 
@@ -114,6 +116,9 @@ def test_two_processes_train_like_one_and_resume(cohort, tmp_path):
     one = torch.load(single_dir / LATEST_NAME, map_location="cpu", weights_only=True)
     assert ddp["epoch"] == one["epoch"] == 2
     assert ddp["global_step"] == one["global_step"] == 4
+    # Each rank folded in the other's losses: the same running loss per scan as one process over the whole batch.
+    assert ddp["hard_cases"]["running"].keys() == one["hard_cases"]["running"].keys()
+    assert ddp["hard_cases"]["running"] == pytest.approx(one["hard_cases"]["running"], rel=1e-3)
     state = ddp["model_state_dict"]
     assert not [key for key in state if key.startswith("module.")]  # saved unwrapped, loadable without DDP
     assert state.keys() == one["model_state_dict"].keys()

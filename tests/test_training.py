@@ -167,7 +167,7 @@ def test_killed_run_resumes_to_the_same_result(small_cohort, tmp_path, monkeypat
     # CPU recipe's sampling, augmentation and loss options are on, so their random draws are covered too.
     schedule = ("--scheduler_type", "step", "--step_size", "1", "--in_plane_rotation_deg", "180",
                 "--hard_negative_crop_fraction", "0.5", "--empty_crop_dice_volume", "0.01",
-                "--augmentation_prob", "0.5")
+                "--augmentation_prob", "0.5", "--hard_case_fraction", "0.5")
     straight = tmp_path / "straight"
     assert train.main(cli_args(small_cohort, straight, "--epochs", "3", *schedule)) == 0
 
@@ -191,6 +191,9 @@ def test_killed_run_resumes_to_the_same_result(small_cohort, tmp_path, monkeypat
     expected, resumed = final_weights(straight), final_weights(interrupted)
     assert resumed["epoch"] == expected["epoch"] == 3
     assert resumed["global_step"] == expected["global_step"]
+    # Hard-case sampling: the losses of the epochs' scans (and the draws they weighted) survive both stops.
+    assert resumed["hard_cases"]["running"] == pytest.approx(expected["hard_cases"]["running"], rel=1e-6)
+    assert len(expected["hard_cases"]["running"]) >= 2 and expected["hard_cases"]["pending"] == []
     for key, value in expected["model_state_dict"].items():
         assert torch.equal(resumed["model_state_dict"][key], value), f"{key} differs after resume"
     assert [h["train_loss"] for h in resumed["history"]] == pytest.approx(
