@@ -10,13 +10,16 @@ keeps its share of the draws: ranked against positives, whose loss carries a Dic
 and false positives grew (a CT-ICH-like cohort: negatives predicted empty 9/12 → 7/12 over three seeds). Within a
 stratum a ``fraction`` f of its draws follow the losses and the rest stay uniform, so f < 1 keeps easy scans in view.
 
+Measured on the learning benchmark's four cohorts it trades them: the thick-slice cohort's crescent is found with
+every seed, the other cohorts lose 0.01-0.03 Dice (bench/results/learning_bench.md), so it is off by default.
+
 The weights change only between epochs (the sampler's order for an epoch is fixed at its start, so a run resumed
 mid-epoch replays the same order); losses seen during an epoch are pooled over every rank at its end.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -46,7 +49,7 @@ class HardCaseSampling:
         """The per-sample training losses of one micro-batch (non-finite ones are ignored)."""
         self.pending.extend((str(c), float(v)) for c, v in zip(case_ids, losses) if math.isfinite(float(v)))
 
-    def end_epoch(self, gather: Any = None) -> None:
+    def end_epoch(self, gather: Callable[[list[tuple[str, float]]], list[tuple[str, float]]] | None = None) -> None:
         """Fold the epoch's losses into the running ones. ``gather``: a function returning every rank's records
         (``RankGroup.gather``), so all ranks hold the same weights; None for a single process."""
         records = gather(self.pending) if gather is not None else self.pending
@@ -61,9 +64,10 @@ class HardCaseSampling:
 
     def weights(self) -> np.ndarray:
         """Probability of each scan per draw. A stratum of n of the N scans keeps n / N of the draws, spread as
-        (1 - f) / n + f · loss / Σ loss over its scans. (Squared losses, which favour the hardest scan more,
-        found the thick-slice cohort's crescent no more often and doubled the CT-ICH-like cohort's false positives.) A scan not drawn yet counts with its stratum's largest
-        running loss (it may be the hard one); before any loss is known the draws are uniform."""
+        (1 - f) / n + f · loss / Σ loss over its scans. A scan not drawn yet counts with its stratum's largest
+        running loss (it may be the hard one); before any loss is known the draws are uniform. (Squared losses,
+        which favour the hardest scan more, found the thick-slice cohort's crescent no more often and doubled the
+        CT-ICH-like cohort's false positives.)"""
         n = len(self.case_ids)
         weights = np.full(n, 1.0 / n)
         if not self.running or self.fraction == 0:
