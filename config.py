@@ -103,8 +103,9 @@ class DataConfig:
         "is not hemorrhage and not next to bone (streaks, dense brain): the look-alikes a model calls blood.",
         default=0.0)
     hard_case_fraction: float = _flag(
-        "Fraction of each epoch's training scans drawn in proportion to their recent training loss (the rest "
-        "uniformly, with replacement when > 0): a kind of bleed seen in one scan gets the crops it needs.",
+        "Fraction of each epoch's training scans drawn in proportion to their recent training loss, within the "
+        "ICH-positive and the ICH-negative scans separately (the rest uniformly; with replacement when > 0): a kind "
+        "of bleed seen in one scan gets the crops it needs.",
         default=0.0, metavar="FRACTION")
     augmentation_prob: float = _flag("Probability of each random augmentation (flip, affine, intensity).",
                                      default=0.3)

@@ -8,7 +8,6 @@ from torch.utils.data import DistributedSampler
 
 from data.case_sampling import HardCaseSampling
 from data.loaders import EpochSampler
-from objective import SegmentationLoss
 
 
 def test_draws_are_uniform_until_a_loss_is_known():
@@ -103,22 +102,6 @@ def test_ranks_share_one_weighted_draw():
 def test_sampler_refuses_weights_of_another_length():
     with pytest.raises(ValueError, match="3 case weights for 5 scans"):
         _sampler(5).set_epoch(0, np.ones(3))
-
-
-def test_the_loss_reports_each_samples_mask_loss():
-    torch.manual_seed(0)
-    labels = torch.zeros(3, 1, 8, 8, 8)
-    labels[0, :, 2:5, 2:5, 2:5] = 1
-    logits = [torch.randn(3, 1, 8, 8, 8), torch.randn(3, 1, 8, 8, 8)]
-    loss_fn = SegmentationLoss(ich_weight=0.0)
-    total, parts = loss_fn(logits, None, labels)
-    per_sample = parts["sample_mask_loss"]
-    assert per_sample.shape == (3,) and not per_sample.requires_grad
-    expected = (loss_fn.sample_mask_loss(logits[0], labels) + loss_fn.sample_mask_loss(logits[1], labels)) / 2
-    assert torch.allclose(per_sample, expected)
-    assert float(total) == pytest.approx(float(per_sample.mean()), rel=1e-6)
-    # the crop with blood carries a Dice term on top of its cross-entropy
-    assert per_sample[0] > per_sample[1:].max()
 
 
 def test_positives_and_negatives_keep_their_share_of_the_draws():

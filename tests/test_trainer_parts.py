@@ -326,3 +326,19 @@ def test_click_rounds_start_prompt_free_and_feed_back_the_current_answer():
     for (_, prompt), previous in zip(seen[1:], out["masks"][:-1]):
         expected = torch.nn.functional.adaptive_avg_pool3d(previous.detach(), 32).clamp(-20, 20)
         assert torch.equal(prompt, expected)
+
+
+def test_the_loss_reports_each_samples_mask_loss():
+    torch.manual_seed(0)
+    labels = torch.zeros(3, 1, 8, 8, 8)
+    labels[0, :, 2:5, 2:5, 2:5] = 1
+    logits = [torch.randn(3, 1, 8, 8, 8), torch.randn(3, 1, 8, 8, 8)]
+    loss_fn = SegmentationLoss(ich_weight=0.0)
+    total, parts = loss_fn(logits, None, labels)
+    per_sample = parts["sample_mask_loss"]
+    assert per_sample.shape == (3,) and not per_sample.requires_grad
+    expected = (loss_fn.sample_mask_loss(logits[0], labels) + loss_fn.sample_mask_loss(logits[1], labels)) / 2
+    assert torch.allclose(per_sample, expected)
+    assert float(total) == pytest.approx(float(per_sample.mean()), rel=1e-6)
+    # the crop with blood carries a Dice term on top of its cross-entropy
+    assert per_sample[0] > per_sample[1:].max()

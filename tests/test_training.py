@@ -20,6 +20,7 @@ import torch
 import tracking
 import train
 from config import build_config
+from data.loaders import EpochSampler
 from model import build_model
 from trainer import LATEST_NAME, NonFiniteLossError, Trainer
 
@@ -125,6 +126,31 @@ def test_short_last_group_steps(tmp_path):
                            "2", "--prompt_mode", "none")
     trainer.train_epoch(0)
     assert trainer.global_step == 3  # groups of 2, 2 and the short 1
+
+
+def test_hard_case_weights_reach_the_loader_from_the_epochs_losses(tmp_path):
+    """--hard_case_fraction: each epoch starts by handing the loader weights made from the losses of the epochs so
+    far (uniform before any); without the flag the loader gets no weights at all."""
+    loader = fixed_batches(1, 4)                                   # c0, c2 with blood; c1, c3 without
+    loader.sampler = EpochSampler(None, case_ids=["c0", "c1", "c2", "c3"], case_ich=[1, 0, 1, 0])
+    calls = []
+    config, _ = build_config(["--test", "--model", "tiny", "--device", "cpu", "--output_dir", str(tmp_path),
+                              "--batch_size", "1", "--gradient_accumulation_steps", "1", "--prompt_mode", "none",
+                              "--hard_case_fraction", "1"])
+    trainer = Trainer(config, build_model(config.model), loader, ListLoader([]), torch.device("cpu"),
+                      tracking.NullTracker(), tmp_path, set_loader_epoch=lambda _, epoch, **kw: calls.append(kw))
+    trainer.on_epoch_start(0)
+    assert calls[0]["case_weights"] == pytest.approx([0.25] * 4)
+    trainer.train_epoch(0)
+    trainer.on_epoch_start(1)
+    weights = calls[1]["case_weights"]
+    assert set(trainer.hard_cases.running) == {"c0", "c1", "c2", "c3"}
+    assert weights == pytest.approx(trainer.hard_cases.weights()) and weights != pytest.approx([0.25] * 4)
+    assert weights[0] + weights[2] == pytest.approx(0.5)             # the scans with blood keep their share
+    plain = make_trainer(tmp_path / "plain", fixed_batches(1, 1))
+    plain.set_loader_epoch = lambda _, epoch, **kw: calls.append(kw)
+    plain.on_epoch_start(0)
+    assert plain.hard_cases is None and calls[-1] == {}
 
 
 def test_nonfinite_loss_is_skipped_then_aborts(tmp_path):
