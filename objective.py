@@ -11,12 +11,15 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
+from config import MAX_HEMORRHAGE_WEIGHT
 from inference import interior_depth, mask_prompt_from_logits
 
-# Upper bound of the per-voxel weight of hemorrhage in the cross-entropy (see SegmentationLoss): measured on the
-# synthetic cohort, balancing lifted the tiny model off the empty-mask plateau ~2x sooner; the cap limits the
-# false positives an unbounded weight invites on tiny bleeds.
-MAX_POSITIVE_WEIGHT = 10.0
+
+def hemorrhage_weight_cap(epoch: int, total_epochs: int, final: float) -> float:
+    """The cap on the hemorrhage weight for ``epoch`` (0-based): MAX_HEMORRHAGE_WEIGHT at the first epoch, falling
+    linearly to ``final`` at the last (a one-epoch run gets ``final``)."""
+    progress = epoch / (total_epochs - 1) if total_epochs > 1 else 1.0
+    return MAX_HEMORRHAGE_WEIGHT + (final - MAX_HEMORRHAGE_WEIGHT) * min(max(progress, 0.0), 1.0)
 
 
 def sample_clicks(target: torch.Tensor, prediction: torch.Tensor | None,
@@ -176,6 +179,8 @@ class SegmentationLoss(nn.Module):
         if not 0.0 <= empty_crop_dice_volume <= 1.0:
             raise ValueError(f"empty_crop_dice_volume must be in [0, 1], got {empty_crop_dice_volume}")
         self.hard_voxel_fraction = hard_voxel_fraction
+        # The trainer lowers it epoch by epoch with --final_hemorrhage_weight (hemorrhage_weight_cap).
+        self.hemorrhage_weight_cap = MAX_HEMORRHAGE_WEIGHT
         self.empty_crop_dice_volume = empty_crop_dice_volume
         self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=1e-5, smooth_dr=1e-5)
         self.ich_weight = ich_weight
@@ -192,7 +197,8 @@ class SegmentationLoss(nn.Module):
         target = labels.flatten(1)
         # Hemorrhage is ~1% of a crop: weight its voxels towards half the cross-entropy (capped) so the loss does
         # not settle on the all-empty answer, where the sigmoid saturates and the Dice gradient vanishes.
-        positive_weight = (target.shape[1] / (2 * target.sum(dim=1).clamp(min=1))).clamp(max=MAX_POSITIVE_WEIGHT)
+        balancing = target.shape[1] / (2 * target.sum(dim=1).clamp(min=1))
+        positive_weight = balancing.clamp(max=self.hemorrhage_weight_cap)
         weighted_bce = voxel_bce * torch.where(target > 0.5, positive_weight[:, None], 1.0)
         if self.hard_voxel_fraction < 1.0:
             hardest = max(1, round(self.hard_voxel_fraction * weighted_bce.shape[1]))

@@ -33,7 +33,7 @@ from distributed import RankGroup
 from evaluation import evaluate
 from memory import MemoryMonitor
 from model import export_encoder, load_trained_weights, read_trained_checkpoint
-from objective import PromptedSegmentation, SegmentationLoss
+from objective import PromptedSegmentation, SegmentationLoss, hemorrhage_weight_cap
 from optimization import EarlyStopping, build_scheduler, group_sizes, parameter_groups
 
 logger = logging.getLogger(__name__)
@@ -172,6 +172,8 @@ class Trainer:
 
     def on_epoch_start(self, epoch: int) -> None:
         self.memory.reset()
+        t = self.config.train
+        self.loss_fn.hemorrhage_weight_cap = hemorrhage_weight_cap(epoch, t.epochs, t.final_hemorrhage_weight)
         weights = {"case_weights": self.hard_cases.weights()} if self.hard_cases is not None else {}
         self.set_loader_epoch(self.train_loader, epoch, **weights)
         if self.progress.epoch != epoch:

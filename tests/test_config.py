@@ -111,7 +111,8 @@ def test_impossible_settings_are_all_reported_at_once(tmp_path):
                       "--hu_window", "100", "0", "--augmentation_prob", "2", "--target_spacing", "1", "0", "1",
                       "--min_component_ml", "-1", "--decoder_loss_weight", "-0.5", "--hard_voxel_fraction", "0",
                       "--hard_negative_crop_fraction", "1.5", "--empty_crop_dice_volume", "-0.1",
-                      "--min_component_peak", "1", "--hard_case_fraction", "-0.5", "--scale_augmentation", "1"])
+                      "--min_component_peak", "1", "--hard_case_fraction", "-0.5", "--scale_augmentation", "1",
+                      "--final_hemorrhage_weight", "0.5"])
     problems = "\n".join(caught.value.problems)
     for expected in ("nope.csv: file not found", "--val_csv is required", "--mask_dir is required",
                      "--batch_size must be >= 1, got 0", "--lr must be > 0", "--hu_window needs low < high",
@@ -122,7 +123,8 @@ def test_impossible_settings_are_all_reported_at_once(tmp_path):
                      "--empty_crop_dice_volume must be in [0, 1], got -0.1",
                      "--min_component_peak must be in [0.5, 1) (0.5 keeps every component), got 1.0",
                      "--hard_case_fraction must be in [0, 1], got -0.5",
-                     "--scale_augmentation must be in [0, 1), got 1.0"):
+                     "--scale_augmentation must be in [0, 1), got 1.0",
+                     "--final_hemorrhage_weight must be in [1, 10], got 0.5"):
         assert expected in problems
     assert len(caught.value.problems) >= 8
 

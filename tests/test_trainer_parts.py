@@ -177,19 +177,31 @@ def test_loss_is_low_for_a_correct_prediction_and_ich_term_is_weighted():
 
 
 @pytest.mark.parametrize("blood_voxels", [64, 4])
-def test_hemorrhage_voxels_weigh_half_the_cross_entropy_up_to_the_cap(blood_voxels):
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_hemorrhage_voxels_weigh_half_the_cross_entropy_up_to_the_cap(blood_voxels, cap):
     # 8³ = 512 voxels: 64 of blood get the balancing weight 512 / (2·64) = 4; 4 of blood would get 64, capped.
     labels = torch.zeros(1, 1, 8, 8, 8)
     labels.view(-1)[:blood_voxels] = 1
     logits = torch.zeros_like(labels, requires_grad=True)   # every voxel at p = 0.5: the same BCE gradient magnitude
-    SegmentationLoss(ich_weight=0.0).mask_loss(logits, labels).backward()
+    loss_fn = SegmentationLoss(ich_weight=0.0)
+    if cap is not None:                                       # the trainer's annealed cap (--final_hemorrhage_weight)
+        loss_fn.hemorrhage_weight_cap = cap
+    loss_fn.mask_loss(logits, labels).backward()
     # The Dice term adds its own gradient; the BCE's is the weight × (p − y) / voxels, so compare without Dice.
     dice_only = torch.zeros_like(labels, requires_grad=True)
     SegmentationLoss(ich_weight=0.0).dice(dice_only, labels).mean().backward()
     bce_grad = (logits.grad - dice_only.grad).view(-1)
     ratio = (bce_grad[:blood_voxels].abs().mean() / bce_grad[blood_voxels:].abs().mean()).item()
-    expected = min(512 / (2 * blood_voxels), objective.MAX_POSITIVE_WEIGHT)
+    expected = min(512 / (2 * blood_voxels), cap or objective.MAX_HEMORRHAGE_WEIGHT)
     assert ratio == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_hemorrhage_weight_cap_falls_linearly_from_the_maximum_to_the_final_weight():
+    caps = [objective.hemorrhage_weight_cap(epoch, 5, 2.0) for epoch in range(5)]
+    assert caps == pytest.approx([10.0, 8.0, 6.0, 4.0, 2.0])
+    assert [objective.hemorrhage_weight_cap(e, 5, 10.0) for e in range(5)] == pytest.approx([10.0] * 5)
+    assert objective.hemorrhage_weight_cap(0, 1, 3.0) == pytest.approx(3.0)       # one epoch: the final weight
+    assert objective.hemorrhage_weight_cap(7, 5, 3.0) == pytest.approx(3.0)       # past the end (more epochs on resume)
 
 
 def test_hard_voxel_fraction_averages_the_cross_entropy_of_the_hardest_voxels_only():

@@ -153,6 +153,21 @@ def test_hard_case_weights_reach_the_loader_from_the_epochs_losses(tmp_path):
     assert plain.hard_cases is None and calls[-1] == {}
 
 
+def test_each_epoch_starts_with_its_hemorrhage_weight_cap(tmp_path):
+    """--final_hemorrhage_weight: the loss's cap is set from the epoch number at every epoch start (so a resumed run
+    gets the cap of the epoch it resumes at); the default keeps the maximum throughout."""
+    annealed = make_trainer(tmp_path / "annealed", fixed_batches(1, 1), "--epochs", "3", "--final_hemorrhage_weight",
+                            "4")
+    caps = []
+    for epoch in (2, 0, 1):
+        annealed.on_epoch_start(epoch)
+        caps.append(annealed.loss_fn.hemorrhage_weight_cap)
+    assert caps == pytest.approx([4.0, 10.0, 7.0])
+    constant = make_trainer(tmp_path / "constant", fixed_batches(1, 1), "--epochs", "3")
+    constant.on_epoch_start(2)
+    assert constant.loss_fn.hemorrhage_weight_cap == pytest.approx(10.0)
+
+
 def test_nonfinite_loss_is_skipped_then_aborts(tmp_path):
     trainer = make_trainer(tmp_path / "skip", fixed_batches(1, 4, nan_at=(1,)), "--batch_size", "1",
                            "--gradient_accumulation_steps", "1", "--prompt_mode", "none")
