@@ -21,6 +21,7 @@ import numpy as np
 import metrics
 import reporting
 import utils
+from reporting import format_number  # noqa: F401  (re-exported: crossval and the benches format with it)
 
 logger = logging.getLogger("ichseg.report")
 
@@ -69,14 +70,6 @@ def _metric_lines(clicks: Sequence[int]) -> list[tuple[str, str, str]]:
                     ("negative_fp_ml", "false-positive volume (mL)", "ICH-"),
                     ("sensitivity", "detection sensitivity", "ICH+"),
                     ("specificity", "detection specificity", "ICH-")]
-
-
-def format_number(value: float | None, digits: int = 3) -> str:
-    """A number of a report table: ``digits`` decimals, "n/a" for a missing or non-finite value, never "-0.000"."""
-    if value is None or not math.isfinite(value):
-        return "n/a"
-    text = f"{value:.{digits}f}"
-    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
 
 
 def _interval(bounds: tuple[float, float], digits: int = 3) -> str:

@@ -105,15 +105,20 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-def _score(value: float | None) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+def format_number(value: float | None, digits: int = 3) -> str:
+    """A number of a report table or log line: ``digits`` decimals, "n/a" for a missing or non-finite value, never
+    "-0.000"."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
 
 
 def epoch_line(record: Mapping[str, Any], epochs: int, remaining_s: float, improved: bool) -> str:
     """The training log's line for one finished epoch (``record``: the epoch's history entry)."""
-    clicks = "/".join(_score(record.get(f"val_dice_{k}click")) for k in (1, 3, 5))
+    clicks = "/".join(format_number(record.get(f"val_dice_{k}click"), 4) for k in (1, 3, 5))
     return (f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  val Dice "
-            f"{_score(record.get('val_dice'))} (clicks 1/3/5: {clicks})  lr {record['lr']:.2e}  "
+            f"{format_number(record.get('val_dice'), 4)} (clicks 1/3/5: {clicks})  lr {record['lr']:.2e}  "
             f"{format_duration(record['epoch_time_s'])} (data wait {100 * record.get('data_wait_fraction', 0.0):.0f}%)"
             f"  ETA {format_duration(remaining_s)}{'  (new best)' if improved else ''}")
 

@@ -77,7 +77,8 @@ class HardCaseSampling:
             known = [self.running[self.case_ids[i]] for i in members if self.case_ids[i] in self.running]
             if not known:
                 continue
-            losses = np.array([max(self.running.get(self.case_ids[i], max(known)), 0.0) for i in members])
+            unseen = max(known)
+            losses = np.array([max(self.running.get(self.case_ids[i], unseen), 0.0) for i in members])
             if losses.sum() > 0:
                 share = len(members) / n
                 weights[members] = share * ((1 - self.fraction) / len(members) + self.fraction * losses / losses.sum())

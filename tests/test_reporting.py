@@ -205,3 +205,14 @@ def test_plot_dice_by_volume(tmp_path):
             {"volume_true_ml": 0.0, "dice": 1.0, "hd95_mm": float("nan")}]
     reporting.plot_dice_by_volume(rows, tmp_path / "dice.png")
     assert (tmp_path / "dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_epoch_line_reads_missing_scores_as_n_a_and_marks_a_new_best():
+    record = {"epoch": 3, "train_loss": 0.51234, "lr": 2e-3, "epoch_time_s": 65.0, "data_wait_fraction": 0.04,
+              "val_dice": float("nan")}
+    plain = reporting.epoch_line(record, 40, 125.0, improved=False)
+    assert plain == ("epoch 3/40  loss 0.5123  val Dice n/a (clicks 1/3/5: n/a/n/a/n/a)  lr 2.00e-03  1m 05s "
+                     "(data wait 4%)  ETA 2m 05s")
+    validated = reporting.epoch_line({**record, "val_dice": 0.71234, "val_dice_1click": 0.75, "val_dice_3click": 0.8,
+                                      "val_dice_5click": 0.81}, 40, 0.0, improved=True)
+    assert "val Dice 0.7123 (clicks 1/3/5: 0.7500/0.8000/0.8100)" in validated and validated.endswith("(new best)")
