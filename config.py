@@ -120,6 +120,10 @@ class DataConfig:
     scale_augmentation: float = _flag(
         "The affine augmentation scales each axis by a factor drawn from 1 ± this (with --augmentation_prob): "
         "bleeds thinner and thicker than the ones in training.", default=0.1, metavar="FRACTION")
+    lesion_paste_prob: float = _flag(
+        "Probability that a training crop gets one of the training set's own bleeds (image and label) pasted at a "
+        "random head-tissue position, mirrored or turned, cut by bone (0: off): blood is learned by its density "
+        "rather than by the few places a small cohort shows it.", default=0.0, metavar="PROB")
     num_workers: int | None = _flag("DataLoader worker processes (default: chosen from CPU count and free RAM).",
                                     default=None)
     allow_patient_overlap: bool = _flag(
@@ -337,7 +341,8 @@ class Config:
         for name, value in (("positive_crop_fraction", d.positive_crop_fraction),
                             ("hard_negative_crop_fraction", d.hard_negative_crop_fraction),
                             ("hard_case_fraction", d.hard_case_fraction),
-                            ("augmentation_prob", d.augmentation_prob)):
+                            ("augmentation_prob", d.augmentation_prob),
+                            ("lesion_paste_prob", d.lesion_paste_prob)):
             if not 0.0 <= value <= 1.0:
                 problems.append(f"--{name} must be in [0, 1], got {value}")
         if not 0 <= d.in_plane_rotation_deg <= 180:

@@ -101,14 +101,22 @@ COHORTS: dict[str, CohortSpec] = {
                        appearance=Appearance(lesion_kinds=("ellipsoid", "lobulated", "intraventricular", "irregular",
                                                            "subdural"), kind_weights=(1, 1, 1, 1, 1),
                                              multifocal_fraction=0.3, separate_foci=True, noise_hu=(6, 12))),
-    # Made after every recipe choice of the four above and used to choose nothing: the check that a choice made on
-    # them holds on a cohort nobody looked at (4 mm slices, a grid and a mix of its own).
+    # Made after every recipe choice of the four above and used to choose nothing until --lesion_paste_prob, whose
+    # value was explored on its seed 0 (so it is no longer unseen: see "unseen" below).
     "holdout": CohortSpec("held out: 256×256×36 at 0.9×0.9×4 mm, 3–30 mL, all five kinds, 2 foci in 30 %, blood "
                           "58–88 HU, noise 5–9 HU, streaks in 20 %; 24 + 12 scans",
                           (256, 256, 36), (0.9, 0.9, 4.0), seed=41, min_ml=3, max_ml=30, n_train=24, n_val=12,
                           appearance=Appearance(lesion_kinds=ALL_KINDS, kind_weights=(2, 2, 2, 1, 2),
                                                 multifocal_fraction=0.3, separate_foci=True, blood_hu=(58, 88),
                                                 noise_hu=(5, 9), streak_fraction=0.2)),
+    # Made on 2026-11-29 before the lesion-paste recipe was chosen and run only with the recipe chosen without it:
+    # the held-out check for that choice (a grid, slice thickness and mix of its own).
+    "unseen": CohortSpec("held out: 384×384×32 at 0.6×0.6×4.5 mm, 3–25 mL, all five kinds, 2 foci in 30 %, blood "
+                         "60–85 HU, noise 4–8 HU, streaks in 25 %; 24 + 12 scans",
+                         (384, 384, 32), (0.6, 0.6, 4.5), seed=51, min_ml=3, max_ml=25, n_train=24, n_val=12,
+                         appearance=Appearance(lesion_kinds=ALL_KINDS, kind_weights=(2, 2, 2, 1, 2),
+                                               multifocal_fraction=0.3, separate_foci=True, blood_hu=(60, 85),
+                                               noise_hu=(4, 8), streak_fraction=0.25)),
 }
 
 

@@ -232,7 +232,8 @@ def build_dataloaders(data_config: DataConfig, preprocessing: Preprocessing, coh
                                   data_config.augmentation_prob, augment_device=device if augment_on_device else None,
                                   hard_negative_crop_fraction=data_config.hard_negative_crop_fraction,
                                   in_plane_rotation_deg=data_config.in_plane_rotation_deg,
-                                  scale_augmentation=data_config.scale_augmentation)
+                                  scale_augmentation=data_config.scale_augmentation,
+                                  lesion_paste_prob=data_config.lesion_paste_prob)
     train_items = [_case_item(c, preprocessing) for c in cohort.train]
     val_items = [_case_item(c, preprocessing) for c in cohort.val]
 
@@ -259,6 +260,9 @@ def build_dataloaders(data_config: DataConfig, preprocessing: Preprocessing, coh
     if in_memory:
         logger.info("cached %d preprocessed volumes in RAM in %.1f s", len(train_items) + len(val_items),
                     time.perf_counter() - started)
+    if transforms.lesion_bank is not None:
+        # Before any worker starts (they inherit the bank); one pass over the cached training scans.
+        transforms.lesion_bank.add_items(train_base[i] for i in range(len(train_base)))
     train_set = StageDataset(train_base, Compose([transforms.train_random, transforms.finalize]), seed=seed)
     val_set = StageDataset(val_base, transforms.finalize)
 

@@ -5,7 +5,7 @@
               ──CropIndicesd──► + hemorrhage / head / hyperdense-tissue voxel indices and the air value
                                                                                      (train; cached in RAM)
               ──RandHemorrhageCropd → rotation about the slice axis → PadToRoid → flips / small affine /
-                intensity jitter──► S×S×S crops
+                intensity jitter──► S×S×S crops   (with --lesion_paste_prob, after the pad: a bleed of the cohort pasted in)
 
 Everything before the first random transform runs once per scan and is kept in the RAM cache, so no crop scans
 the whole volume for candidate centres: the indices were computed there.
@@ -47,6 +47,7 @@ from monai.transforms import (
 
 from data.geometry import MaskOrientation, orient_mask
 from data.io import load_image_file, load_mask_file, slice_axis
+from data.lesion_paste import TISSUE_MEDIAN_KEY, LesionBank, RandLesionPasted
 from data.preprocess import Preprocessing, pad_with_air, preprocess_image, resample_to_shape
 from data.records import Case
 from utils import atomic_write_bytes
@@ -180,8 +181,9 @@ class CropIndicesd(MapTransform):
     every crop of an ICH-negative scan is head-centred. ``label_hard_bg_indices`` (only with ``hard_negatives``):
     head voxels without hemorrhage whose 3-voxel mean is hyperdense (``HYPERDENSE_MARGIN``) yet clear of bone
     (``BONE_CLEARANCE_VOXELS``), thinned the same way; possibly empty. ``has_hemorrhage``: whether the label has
-    any. ``air``: the image minimum, which pads crops. ``intensity_unit``: one head-tissue standard deviation in the
-    image's units.
+    any. ``air``: the image minimum, which pads crops. ``tissue_median``: the median of the head voxels (hard
+    negatives and pasted lesions are measured from it). ``intensity_unit``: one head-tissue standard deviation in
+    the image's units.
     """
 
     def __init__(self, image_key: str = "image", label_key: str = "label",
@@ -199,22 +201,24 @@ class CropIndicesd(MapTransform):
         low, high = float(image.min()), float(image.max())
         # The threshold is per scan (the air value depends on the normalisation), hence the array transform here.
         head_mask = image[0] > low + HEAD_MARGIN * (high - low)
+        median = float(np.median(image[0][head_mask])) if head_mask.any() else float(np.median(image))
         blood, head = FgBgToIndices()(label, head_mask[None])
         if head.size == 0:  # no head found (cannot happen after validation): any voxel
             head = np.arange(label[0].size)
         d[BG_INDICES_KEY] = self._thin(head)
         d[FG_INDICES_KEY] = np.ascontiguousarray(blood, dtype=np.int32) if blood.size else d[BG_INDICES_KEY]
         if self.hard_negatives:  # a median, a dilation and a filter per scan: only for runs that draw from them
-            d[HARD_INDICES_KEY] = self._thin(self._hyperdense(image[0], head_mask, label[0] > 0))
+            d[HARD_INDICES_KEY] = self._thin(self._hyperdense(image[0], head_mask, label[0] > 0, median))
         d[HAS_BLOOD_KEY] = bool(blood.size)
         d[AIR_KEY] = low
+        d[TISSUE_MEDIAN_KEY] = median
         return d
 
-    def _hyperdense(self, image: np.ndarray, head: np.ndarray, blood: np.ndarray) -> np.ndarray:
-        """Flat indices of head voxels outside ``blood`` whose 3-voxel mean is hyperdense and clear of bone."""
+    def _hyperdense(self, image: np.ndarray, head: np.ndarray, blood: np.ndarray, median: float) -> np.ndarray:
+        """Flat indices of head voxels outside ``blood`` whose 3-voxel mean is hyperdense (above the head's
+        ``median``) and clear of bone."""
         if not head.any():
             return np.zeros(0, dtype=np.int64)
-        median = float(np.median(image[head]))
         bone = ndimage.binary_dilation(image > median + BONE_MARGIN * self.intensity_unit,
                                        iterations=BONE_CLEARANCE_VOXELS)
         smoothed = ndimage.uniform_filter(image.astype(np.float32, copy=False), size=3)
@@ -320,12 +324,13 @@ class Transforms:
     train_cached: Compose
     train_random: Compose
     finalize: Compose
+    lesion_bank: LesionBank | None = None  # with lesion pasting: empty until the loader fills it from the cache
 
 
 def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike, positive_crop_fraction: float,
                      augmentation_prob: float, augment_device: torch.device | None = None,
                      hard_negative_crop_fraction: float = 0.0, in_plane_rotation_deg: float = 0.0,
-                     scale_augmentation: float = DEFAULT_SCALE_RANGE) -> Transforms:
+                     scale_augmentation: float = DEFAULT_SCALE_RANGE, lesion_paste_prob: float = 0.0) -> Transforms:
     """Train: train_cached → train_random → finalize; val: val_cached → finalize. Crops are
     ``preprocessing.input_size`` on a side.
 
@@ -335,7 +340,9 @@ def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike,
     axis within ±``in_plane_rotation_deg`` (on the jittered crop, before its sub-crop), a mirror per axis, a small
     affine (±10° per axis, each axis scaled by 1 ± ``scale_augmentation``; image bilinear with border padding,
     label nearest), intensity scale ±10 %, shift ±0.1 and Gaussian noise σ 0.05 head-tissue standard deviations
-    (``Preprocessing.intensity_unit``).
+    (``Preprocessing.intensity_unit``). With ``lesion_paste_prob`` > 0, that fraction of crops first gets one of
+    the training set's bleeds pasted at a random head-tissue position (data.lesion_paste; the bank in
+    ``Transforms.lesion_bank`` is filled by the loader from the cached training scans).
 
     With ``augment_device`` the crop (a cheap slice of the cached volume) is moved there before augmentation, so on
     a GPU the affine resampling — the costly step, ~0.5 s per 128³ crop on a CPU core — runs on the GPU."""
@@ -346,6 +353,8 @@ def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike,
     jitter = int(roi_size * CENTRE_JITTER_FRACTION)
     # Only when asked for: a random transform more in the Compose would reseed every later one.
     rotate = [RandSliceRotated(prob, in_plane_rotation_deg)] if in_plane_rotation_deg > 0 else []
+    bank = LesionBank() if lesion_paste_prob > 0 else None
+    paste = [RandLesionPasted(bank, lesion_paste_prob, intensity_unit=unit)] if bank is not None else []
     train_random = Compose([
         RandHemorrhageCropd(roi_size + 2 * jitter, positive_crop_fraction,
                             hard_negative_fraction=hard_negative_crop_fraction),
@@ -353,6 +362,7 @@ def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike,
         *rotate,
         RandSpatialCropd(keys, roi_size=(roi_size,) * 3, random_size=False),
         PadToRoid(roi_size),
+        *paste,
         # No canonical orientation is known (array order is the file's), so every axis may be mirrored.
         RandFlipd(keys, prob=prob, spatial_axis=0),
         RandFlipd(keys, prob=prob, spatial_axis=1),
@@ -371,4 +381,4 @@ def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike,
     ])
     return Transforms(val_cached=Compose([load]), train_cached=Compose([load, CropIndicesd(
                           intensity_unit=unit, hard_negatives=hard_negative_crop_fraction > 0)]),
-                      train_random=train_random, finalize=finalize)
+                      train_random=train_random, finalize=finalize, lesion_bank=bank)
