@@ -13,7 +13,7 @@ from conftest import LEARNING_EPOCHS, LEARNING_VAL_EVERY
 
 
 def test_cli_training_learns_on_thick_slices_with_small_bleeds_and_writes_every_output(trained_run):
-    """The README's CPU recipe on a cohort unlike the self-test's (conftest.LEARNING_COHORT: 5 mm slices, 3-12 mL
+    """The self-test's recipe on a cohort unlike the self-test's (conftest.LEARNING_COHORT: 5 mm slices, 3-12 mL
     bleeds, scans larger than one window, negatives without masks)."""
     out = trained_run["output_dir"]
     for name in selftest.EXPECTED_FILES:

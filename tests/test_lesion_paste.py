@@ -7,8 +7,8 @@ import torch
 
 import data.lesion_paste as P
 from data.transforms import CropIndicesd, build_transforms
-from tests.test_dataloader import cohort_dir, config, loaders, prep  # noqa: F401  (cohort_dir is a fixture)
 import dataloader as D
+from test_dataloader import add_scan, config, loaders, prep, write_csv
 
 BRAIN, BLOOD, BONE, AIR = 0.0, 1.0, 3.0, -4.0
 
@@ -117,7 +117,23 @@ def test_pipeline_has_a_bank_only_when_asked_for(tmp_path):
     assert any(isinstance(t, P.RandLesionPasted) for t in on.train_random.transforms)
 
 
-def test_loader_fills_the_bank_from_the_training_scans_and_crops_carry_pasted_blood(cohort_dir, monkeypatch):
+def label_sums(data_config, cohort) -> dict[tuple[int, str], float]:
+    """Hemorrhage voxels of every training crop of three epochs, by (epoch, scan)."""
+    train_loader, _ = loaders(data_config, cohort, roi=16, batch=1, seed=0)
+    sums = {}
+    for epoch in range(3):
+        D.set_epoch(train_loader, epoch)
+        for batch in train_loader:
+            sums[epoch, batch["case_id"][0]] = float(batch["label"].sum())
+    return sums
+
+
+def test_loader_fills_the_bank_from_the_training_scans_and_pastes_into_their_crops(tmp_path, monkeypatch):
+    cohort_dir = tmp_path
+    write_csv(tmp_path / "train.csv", [(add_scan(tmp_path, number, blood), int(blood), f"P{number}")
+                                       for number, blood in (("001", True), ("002", False), ("003", True),
+                                                             ("004", False))])
+    write_csv(tmp_path / "val.csv", [(add_scan(tmp_path, "005", True), 1, "P5")])
     banks = []
     original = P.LesionBank.add_items
 
@@ -126,11 +142,17 @@ def test_loader_fills_the_bank_from_the_training_scans_and_crops_carry_pasted_bl
         banks.append(self)
 
     monkeypatch.setattr(P.LesionBank, "add_items", spy)
-    data_config = config(cohort_dir, lesion_paste_prob=1.0, positive_crop_fraction=0.0, augmentation_prob=0.0)
-    cohort = D.validate_cohort(data_config)
-    train_loader, _ = loaders(data_config, cohort, roi=16, batch=1, seed=0)
+    plain = config(cohort_dir, positive_crop_fraction=0.0, augmentation_prob=0.0)
+    cohort = D.validate_cohort(plain)
+    without = label_sums(plain, cohort)
+    assert not banks
+    with_paste = label_sums(config(cohort_dir, lesion_paste_prob=1.0, positive_crop_fraction=0.0,
+                                   augmentation_prob=0.0), cohort)
     assert len(banks) == 1 and len(banks[0]) == 2  # one bleed in each of the two ICH-positive training scans
-    D.set_epoch(train_loader, 0)
-    labelled = [float(batch["label"].sum()) for batch in train_loader]
-    # every crop (head-centred, positives included) gets a bleed, unless it landed on too little tissue
-    assert sum(v > 0 for v in labelled) >= 3
+    assert with_paste.keys() == without.keys()
+    # the same crops (the paste comes after the crop) with more blood, unless a bleed landed on too little tissue:
+    # in those of the ICH-positive scans 001 and 003 and of the ICH-negative 002 and 004 alike
+    gained = {key: with_paste[key] - without[key] for key in without}
+    assert all(g >= 0 for g in gained.values())
+    for cases in (("001", "003"), ("002", "004")):
+        assert sum(g > 0 for key, g in gained.items() if key[1] in cases) >= 4

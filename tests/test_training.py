@@ -208,7 +208,7 @@ def test_killed_run_resumes_to_the_same_result(small_cohort, tmp_path, monkeypat
     # CPU recipe's sampling, augmentation and loss options are on, so their random draws are covered too.
     schedule = ("--scheduler_type", "step", "--step_size", "1", "--in_plane_rotation_deg", "180",
                 "--hard_negative_crop_fraction", "0.5", "--empty_crop_dice_volume", "0.01",
-                "--augmentation_prob", "0.5", "--hard_case_fraction", "0.5")
+                "--augmentation_prob", "0.5", "--hard_case_fraction", "0.5", "--lesion_paste_prob", "0.5")
     straight = tmp_path / "straight"
     assert train.main(cli_args(small_cohort, straight, "--epochs", "3", *schedule)) == 0
 
