@@ -118,14 +118,15 @@ class RandLesionPasted(RandomizableTransform, MapTransform):
             return d
         lesion = self.bank.lesions[int(self.R.randint(len(self.bank)))]
         flips = [bool(self.R.rand() < 0.5) for _ in range(3)]
-        slice_axis = int(d.get("slice_axis", 2))
+        slice_axis = int(d.get("slice_axis", 2))  # data.transforms.SLICE_AXIS_KEY (not imported: it imports us)
         in_plane = tuple(axis for axis in range(3) if axis != slice_axis)
         swap = in_plane if self.R.rand() < 0.5 else None
         source, mask, alpha = _oriented(lesion, flips, swap)
 
         image, label = d[self.image_key], d[self.label_key]
         as_tensor = torch.as_tensor(image)
-        median = float(d.get(TISSUE_MEDIAN_KEY, float(torch.median(as_tensor))))
+        # The scan's tissue median (CropIndicesd); a crop from elsewhere falls back on its own median.
+        median = float(d[TISSUE_MEDIAN_KEY]) if TISSUE_MEDIAN_KEY in d else float(torch.median(as_tensor))
         low = median - TISSUE_BELOW_MEDIAN * self.intensity_unit
         high = median + TISSUE_ABOVE_MEDIAN * self.intensity_unit
         tissue = (as_tensor[0] > low) & (as_tensor[0] < high)
