@@ -114,8 +114,8 @@ COHORTS: dict[str, CohortSpec] = {
                           appearance=Appearance(lesion_kinds=ALL_KINDS, kind_weights=(2, 2, 2, 1, 2),
                                                 multifocal_fraction=0.3, separate_foci=True, blood_hu=(58, 88),
                                                 noise_hu=(5, 9), streak_fraction=0.2)),
-    # Made on 2026-11-29 before the lesion-paste recipe was chosen and run only with the recipe chosen without it:
-    # the held-out check for that choice (a grid, slice thickness and mix of its own).
+    # Made on 2026-11-29 before --lesion_paste_prob was chosen, and first run after the choice, once with each
+    # recipe: the held-out check of that choice (a grid, slice thickness and mix of its own).
     "unseen": CohortSpec("held out: 384×384×32 at 0.6×0.6×4.5 mm, 3–25 mL, all five kinds, 2 foci in 30 %, blood "
                          "60–85 HU, noise 4–8 HU, streaks in 25 %; 24 + 12 scans",
                          (384, 384, 32), (0.6, 0.6, 4.5), seed=51, min_ml=3, max_ml=25, n_train=24, n_val=12,

@@ -2,12 +2,12 @@
 
 A small cohort shows each kind of bleed in few places: in the learning benchmark's reproduction cohort two of
 thirteen training bleeds lie against the skull, and a tiny model trained from scratch learned that blood-dense
-tissue next to the inner table is not blood (it missed both validation crescents, even when clicked). Pasting the
+tissue next to the inner table is not blood (it missed a validation crescent even when clicked). Pasting the
 cohort's bleeds (image and label) at random head-tissue positions of training crops shows the same densities in
 every place, against bone included, the object-level copy-paste of TumorCP (Yang et al., MICCAI 2021) for the
 lesion segmentation of small CT cohorts. Nothing is invented: the pasted voxels are the cohort's own blood.
 
-    LesionBank.from_items(cached training items)   one entry per connected hemorrhage of at least MIN_LESION_VOXELS:
+    LesionBank().add_items(cached training items)  one entry per connected hemorrhage of at least MIN_LESION_VOXELS:
                                                    its bounding box (+ a rim), relative to its scan's tissue median
     RandLesionPasted(bank, prob)                   per crop, with ``prob``: one entry, mirrored and turned in-plane at
                                                    random, blended into head tissue (not bone, not air) at a random
@@ -53,7 +53,6 @@ class Lesion:
     image: np.ndarray
     mask: np.ndarray
     alpha: np.ndarray
-    case_id: str
 
 
 class LesionBank:
@@ -73,7 +72,7 @@ class LesionBank:
                 continue
             image = np.asarray(item["image"], dtype=np.float32)[0]
             median = float(item[TISSUE_MEDIAN_KEY])
-            components, count = ndimage.label(label)
+            components, _ = ndimage.label(label)
             for index, box in enumerate(ndimage.find_objects(components), start=1):
                 mask = components[box] == index
                 if int(mask.sum()) < MIN_LESION_VOXELS:
@@ -82,8 +81,7 @@ class LesionBank:
                                for s, n in zip(box, label.shape))
                 mask = components[rimmed] == index
                 alpha = np.maximum(mask, ndimage.gaussian_filter(mask.astype(np.float32), BLEND_SIGMA_VOXELS))
-                self.lesions.append(Lesion(image[rimmed] - median, mask, alpha.astype(np.float32),
-                                           str(item.get("case_id", ""))))
+                self.lesions.append(Lesion(image[rimmed] - median, mask, alpha.astype(np.float32)))
         logger.info("lesion paste: %d hemorrhages in the bank", len(self.lesions))
 
 

@@ -69,9 +69,9 @@ def test_paste_paints_blood_on_tissue_only_and_labels_exactly_what_it_painted():
         assert not label[:4].any() and not label[:, :4].any()
         assert torch.equal(image[:4], crop_of()["image"][0, :4]) and torch.equal(image[:, :4], crop_of()["image"][0, :, :4])
         touched_bone += int(label[4].any())
-        # outside the label only the soft rim changed, towards blood, by less than the full contrast
-        changed = (image - crop_of()["image"][0]).abs() > 1e-6
-        assert torch.all(image[changed & ~label] < 0.5 + BLOOD) and torch.all(image[changed & ~label] > 0.5)
+        # the source's rim is its own brain (its median), so the blend leaves the crop's tissue as it was outside
+        # the bleed: contrast is carried relative to each scan's median, not as absolute values
+        assert torch.equal(image[~label], crop_of()["image"][0][~label])
     assert painted_somewhere >= 25
     assert touched_bone >= 1  # bleeds land against the bone too, cut by it
 
