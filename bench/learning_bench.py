@@ -122,6 +122,14 @@ COHORTS: dict[str, CohortSpec] = {
                          appearance=Appearance(lesion_kinds=ALL_KINDS, kind_weights=(2, 2, 2, 1, 2),
                                                multifocal_fraction=0.3, separate_foci=True, blood_hu=(60, 85),
                                                noise_hu=(4, 8), streak_fraction=0.25)),
+    # Made on 2026-11-29 (fourth session) before any run on it, when the next recipe change was explored on the
+    # cohorts above; first run after that choice, once with each recipe compared.
+    "fresh": CohortSpec("held out: 320×320×26 at 0.7×0.7×6 mm, 3–20 mL, all five kinds, 2 foci in 25 %, blood "
+                        "58–85 HU, noise 5–9 HU, streaks in 30 %; 24 + 12 scans",
+                        (320, 320, 26), (0.7, 0.7, 6.0), seed=61, min_ml=3, max_ml=20, n_train=24, n_val=12,
+                        appearance=Appearance(lesion_kinds=ALL_KINDS, kind_weights=(2, 2, 2, 1, 2),
+                                              multifocal_fraction=0.25, separate_foci=True, blood_hu=(58, 85),
+                                              noise_hu=(5, 9), streak_fraction=0.3)),
 }
 
 
