@@ -6,7 +6,8 @@ the answer: the tiny build stops standing in for turbo. This probe makes that vi
 runs the prompt-free sliding window once (no mirroring) on the model's grid and reports, for the decoder's answer
 (``coarse_masks``) and the refined one (``masks``): Dice against the mask resampled to that grid, predicted mL and
 the probability's spread inside the bleed and in the rest of the head (5th / 50th / 95th percentile). A decoder
-whose in-bleed median equals its head median has learned nothing.
+whose in-bleed median equals its head median has learned nothing. ``--json`` also writes the mean Dice of each
+answer over the ICH-positive scans (``bench/learning_bench.py`` reports the decoder's for every run).
 
     python bench/decoder_probe.py --run_dir /tmp/lb0/runs/ctich --input /tmp/lb0/cohorts/ctich/val.csv \
         --mask_dir /tmp/lb0/cohorts/ctich/masks --out /tmp/lb0/ctich_decoder_probe.md
@@ -14,9 +15,11 @@ whose in-bleed median equals its head median has learned nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,8 +53,9 @@ def _spread(values: np.ndarray) -> str:
     return "–" if values.size == 0 else " / ".join(f"{v:.2f}" for v in np.percentile(values, (5, 50, 95)))
 
 
-def probe_scan(predictor: Predictor, path: Path, mask_path: Path | None) -> dict[str, dict[str, str | float]]:
-    """{part: {dice, ml, bleed, head}} for one scan on the model's grid (an ICH-negative scan has empty truth)."""
+def probe_scan(predictor: Predictor, path: Path, mask_path: Path | None) -> dict[str, dict[str, Any]]:
+    """{part: {dice, ml, bleed, head, positive}} for one scan on the model's grid (an ICH-negative scan has empty
+    truth; ``positive``: the truth holds blood on that grid)."""
     image, meta = load_image_file(path)
     spacing, _ = scan_geometry(path, meta, image.shape, mask_path, predictor.config.data.spacing)
     truth = (load_mask_for_image(mask_path, image.shape, meta.get("affine"))[0] if mask_path is not None
@@ -67,8 +71,16 @@ def probe_scan(predictor: Predictor, path: Path, mask_path: Path | None) -> dict
             probability = torch.sigmoid(logits)[0, 0].cpu().numpy()
             predicted = probability >= 0.5
             rows[key] = {"dice": metrics.dice(predicted, grid_truth), "ml": float(predicted.sum()) * voxel_ml,
-                         "bleed": _spread(probability[grid_truth]), "head": _spread(probability[head & ~grid_truth])}
+                         "bleed": _spread(probability[grid_truth]), "head": _spread(probability[head & ~grid_truth]),
+                         "positive": bool(grid_truth.any())}
     return rows
+
+
+def positive_means(scans: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float | None]:
+    """{part: mean Dice over the ICH-positive scans} (None without any) from {scan: probe_scan(...)}."""
+    positives = [rows for rows in scans.values() if rows[PARTS[0]]["positive"]]
+    return {part: (sum(rows[part]["dice"] for rows in positives) / len(positives) if positives else None)
+            for part in PARTS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", type=Path, required=True, help="validation CSV (path,ich,...) or scans")
     parser.add_argument("--mask_dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=None, help="Markdown table (default: printed only)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="every scan's numbers and the mean Dice of each answer over ICH-positive scans")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     predictor = Predictor(args.run_dir / "best_model.pth", torch.device("cpu"))
@@ -85,14 +99,22 @@ def main(argv: list[str] | None = None) -> int:
              "probability p5 / p50 / p95)", "",
              "| scan | decoder Dice | decoder mL | decoder p in bleed | decoder p in head | refined Dice | refined mL "
              "| refined p in bleed | refined p in head |", "|---|---|---|---|---|---|---|---|---|"]
+    scans = {}
     for scan in collect_inputs(args.input):
-        rows = probe_scan(predictor, scan.path, masks.find(scan.path))
-        cells = [f"{r['dice']:.3f} | {r['ml']:.2f} | {r['bleed']} | {r['head']}" for r in rows.values()]
+        rows = scans[scan.path.name] = probe_scan(predictor, scan.path, masks.find(scan.path))
+        cells = [f"{rows[part]['dice']:.3f} | {rows[part]['ml']:.2f} | {rows[part]['bleed']} | {rows[part]['head']}"
+                 for part in PARTS]
         lines.append(f"| {scan.path.name} | " + " | ".join(cells) + " |")
         logger.info("%s", lines[-1])
+    means = positive_means(scans)
+    lines += ["", "Mean Dice over ICH-positive scans: decoder "
+              + ", refined ".join("–" if means[p] is None else f"{means[p]:.3f}" for p in PARTS)]
     text = "\n".join(lines) + "\n"
     if args.out is not None:
         args.out.write_text(text)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"scans": scans, "decoder_dice_positive": means["coarse_masks"],
+                                         "refined_dice_positive": means["masks"]}, indent=1))
     print(text)
     return 0
 

@@ -12,7 +12,8 @@ then train the U-Net of ``bench/unet_baseline.py`` for the same wall time (``--u
 number of seconds) and score it the same way. Reported
 per cohort: Dice on ICH-positive scans, Dice after 1/3/5 clicks, ICH-negative scans predicted empty (volume <= 0.1
 mL), false-positive mL on negatives, mean |volume error| on positives, the first validated epoch with Dice > 0.5
-(preprocessed grid) and the training wall time.
+(preprocessed grid), the training wall time, and the Dice of the SAM decoder's own answer read alone
+(``bench/decoder_probe.py``: near 0 when the mask refiner has become the whole segmenter).
 Results go to <out>.md (a Markdown table with the command) and <out>.json.
 """
 from __future__ import annotations
@@ -197,9 +198,16 @@ def bench_cohort(name: str, spec: CohortSpec, work: Path, extra_flags: list[str]
                            str(data / "val.csv"), "--mask_dir", str(data / "masks"), "--output_dir",
                            str(run_dir / "val_predictions"), "--device", "cpu"]
         _run(predict_command, work / f"{run_dir.name}.predict.log")
+        # Which part segments: the SAM decoder's own answer read alone (bench/decoder_probe.py).
+        probe_command = [python, "bench/decoder_probe.py", "--run_dir", str(run_dir), "--input",
+                         str(data / "val.csv"), "--mask_dir", str(data / "masks"), "--out",
+                         str(run_dir / "decoder_probe.md"), "--json", str(run_dir / "decoder_probe.json")]
+        _run(probe_command, work / f"{run_dir.name}.decoder_probe.log")
+        probe = json.loads((run_dir / "decoder_probe.json").read_text())
         ours = {"seed": seed, "train_s": train_s, "first_epoch_dice_over_0.5": first_good,
                 "epochs": len(latest["history"]),
-                **_scores(_read_rows(run_dir / "val_predictions" / "metrics.csv"), (1, 3, 5))}
+                **_scores(_read_rows(run_dir / "val_predictions" / "metrics.csv"), (1, 3, 5)),
+                "decoder_dice": probe["decoder_dice_positive"]}
         logger.info("%s: ichseg %s", name, ours)
         runs.append(ours)
     result: dict[str, Any] = {"cohort": name, "description": spec.description, "ours": runs[0], "seeds": runs}
@@ -216,6 +224,16 @@ def _mean(values: Iterable[float]) -> float:
     return sum(values) / len(values)
 
 
+def _mean_or_none(values: Iterable[float | None]) -> float | None:
+    """The mean, or None when any value is missing (runs from before the decoder probe)."""
+    values = list(values)
+    return None if any(v is None for v in values) else _mean(values)
+
+
+def _decoder_cell(run: dict[str, Any]) -> str:
+    return "–" if run.get("decoder_dice") is None else format_number(run["decoder_dice"])
+
+
 def _pooled(fractions: Iterable[str]) -> str:
     """'a/b' strings summed: '3/4', '4/4' -> '7/8'."""
     pairs = [tuple(int(n) for n in f.split("/")) for f in fractions]
@@ -230,8 +248,8 @@ def markdown(results: list[dict[str, Any]], command: str, label: str) -> str:
              f"Machine: {os.cpu_count()} CPU cores, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}; "
              "scores on the validation scans in their original grid (predict.py / the U-Net scored the same way).", "",
              "| cohort | model | train time | Dice (positives) | 1 / 3 / 5 clicks | negatives empty | FP mL "
-             "(negatives) | mean abs volume error mL | first epoch Dice > 0.5 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(negatives) | mean abs volume error mL | first epoch Dice > 0.5 | decoder alone: Dice (positives) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         runs = r.get("seeds", [r["ours"]])
         for o in runs:
@@ -240,7 +258,7 @@ def markdown(results: list[dict[str, Any]], command: str, label: str) -> str:
             lines.append(f"| {r['cohort']} | {model} | {o['train_s']:.0f} s ({o['epochs']} ep) | "
                          f"{format_number(o['dice'])} | {clicks} | {o['negatives_empty']} | "
                          f"{format_number(o['fp_ml'], 2)} | {format_number(o['volume_error_ml'], 2)} | "
-                         f"{o['first_epoch_dice_over_0.5'] or 'never'} |")
+                         f"{o['first_epoch_dice_over_0.5'] or 'never'} | {_decoder_cell(o)} |")
         if len(runs) > 1:
             lines.append(f"| {r['cohort']} | ichseg tiny, {len(runs)} seeds | max {max(o['train_s'] for o in runs):.0f} s "
                          f"| mean {format_number(_mean(o['dice'] for o in runs))}, min "
@@ -248,12 +266,13 @@ def markdown(results: list[dict[str, Any]], command: str, label: str) -> str:
                          + " / ".join(format_number(_mean(o[f'dice_{k}click'] for o in runs)) for k in (1, 3, 5))
                          + f" | {_pooled(o['negatives_empty'] for o in runs)} | "
                          f"{format_number(_mean(o['fp_ml'] for o in runs), 2)} | "
-                         f"{format_number(_mean(o['volume_error_ml'] for o in runs), 2)} | – |")
+                         f"{format_number(_mean(o['volume_error_ml'] for o in runs), 2)} | – | "
+                         f"{_decoder_cell({'decoder_dice': _mean_or_none(o.get('decoder_dice') for o in runs)})} |")
         if "unet" in r:
             u = r["unet"]
             lines.append(f"| {r['cohort']} | MONAI U-Net | {u['train_s']:.0f} s ({u['steps']} steps) | "
                          f"{format_number(u['dice'])} | – | {u['negatives_empty']} | {format_number(u['fp_ml'], 2)} | "
-                         f"{format_number(u['volume_error_ml'], 2)} | – |")
+                         f"{format_number(u['volume_error_ml'], 2)} | – | – |")
     lines += ["", "Cohorts:"] + [f"- **{r['cohort']}**: {r['description']}" for r in results]
     return "\n".join(lines) + "\n"
 

@@ -1,6 +1,7 @@
 """bench/decoder_probe.py reads the decoder's own answer and the refined one apart, on the model's grid."""
 from __future__ import annotations
 
+import json
 import pickle
 import sys
 from pathlib import Path
@@ -59,3 +60,23 @@ def test_markdown_table_has_a_row_per_scan(tmp_path, capsys):
                                str(tmp_path / "masks"), "--out", str(out)]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| 007.pkl |")]
     assert len(rows) == 1 and rows[0].count("|") == 10
+
+
+def test_json_means_count_ich_positive_scans_only(tmp_path):
+    scan, mask = _scan(tmp_path)
+    empty = tmp_path / "scans" / "008.pkl"
+    empty.write_bytes(scan.read_bytes())             # no mask: an ICH-negative scan
+    (tmp_path / "run").mkdir()
+    checkpoint = untrained_tiny_checkpoint(tmp_path / "run" / "best_model.pth")
+    state = torch.load(checkpoint, weights_only=True)
+    state["model_state_dict"]["refiner.unfold.bias"] = torch.tensor([30.0])
+    torch.save(state, checkpoint)
+    out = tmp_path / "probe.json"
+    assert decoder_probe.main(["--run_dir", str(tmp_path / "run"), "--input", str(scan.parent), "--mask_dir",
+                               str(tmp_path / "masks"), "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert set(summary["scans"]) == {"007.pkl", "008.pkl"}
+    assert summary["scans"]["007.pkl"]["masks"]["positive"] and not summary["scans"]["008.pkl"]["masks"]["positive"]
+    # The refined answer is all blood: 0 on the negative scan, which must not enter the mean.
+    assert summary["refined_dice_positive"] == summary["scans"]["007.pkl"]["masks"]["dice"] > 0
+    assert summary["decoder_dice_positive"] == summary["scans"]["007.pkl"]["coarse_masks"]["dice"]

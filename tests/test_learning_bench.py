@@ -41,3 +41,17 @@ def test_pooled_negative_counts():
     assert LB._pooled(["3/4", "4/4", "0/6"]) == "7/14"
     with pytest.raises(ValueError):
         LB._pooled(["three/4"])
+
+
+def test_decoder_dice_is_a_column_and_missing_values_read_as_a_dash():
+    runs = [{**_run(0, 0.74, "3/4", 270.0), "decoder_dice": 0.0}, {**_run(1, 0.90, "4/4", 290.0), "decoder_dice": 0.5}]
+    table = LB.markdown([{"cohort": "repro", "description": "d", "ours": runs[0], "seeds": runs}], "cmd", "")
+    rows = [line for line in table.splitlines() if line.startswith("| repro")]
+    assert [row.rstrip(" |").rsplit("| ", 1)[1] for row in rows] == ["0.000", "0.500", "0.250"]
+    header = next(line for line in table.splitlines() if line.startswith("| cohort"))
+    assert header.count("|") == rows[0].count("|") == rows[2].count("|")
+    # Runs from before the probe (no key, or one seed without it) show a dash, not a number.
+    old = [_run(0, 0.74, "3/4", 270.0), {**_run(1, 0.90, "4/4", 290.0), "decoder_dice": 0.5}]
+    table = LB.markdown([{"cohort": "repro", "description": "d", "ours": old[0], "seeds": old}], "cmd", "")
+    rows = [line for line in table.splitlines() if line.startswith("| repro")]
+    assert [row.rstrip(" |").rsplit("| ", 1)[1] for row in rows] == ["–", "0.500", "–"]
