@@ -3,7 +3,7 @@
 The mask refiner (``modeling/refiner.py``) adds an image-guided correction to the decoder's upsampled logits. When
 it learns the whole task the decoder's logits stay flat, and then neither the ViT encoder nor the prompt path reach
 the answer: the tiny build stops standing in for turbo. This probe makes that visible. For every validation scan it
-runs the prompt-free sliding window once (no mirroring) on the model's grid and reports, for the decoder's answer
+runs the prompt-free sliding window once (no mirroring; both answers from the same pass) on the model's grid and reports, for the decoder's answer
 (``coarse_masks``) and the refined one (``masks``): Dice against the mask resampled to that grid, predicted mL and
 the probability's spread inside the bleed and in the rest of the head (5th / 50th / 95th percentile). A decoder
 whose in-bleed median equals its head median has learned nothing. ``--json`` also writes the mean Dice of each
@@ -38,15 +38,16 @@ logger = logging.getLogger("bench.decoder_probe")
 PARTS = ("coarse_masks", "masks")  # the decoder's own answer, then the refined one
 
 
-class _Part(torch.nn.Module):
-    """The model with one of its outputs as ``masks``, for the sliding window."""
+class _BothAnswers(torch.nn.Module):
+    """The model with its PARTS stacked as the channels of ``masks``: one sliding window yields both."""
 
-    def __init__(self, model: torch.nn.Module, key: str):
+    def __init__(self, model: torch.nn.Module):
         super().__init__()
-        self.model, self.key = model, key
+        self.model = model
 
     def forward(self, window: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"masks": self.model(window)[self.key]}
+        out = self.model(window)
+        return {"masks": torch.cat([out[key] for key in PARTS], dim=1)}
 
 
 def _spread(values: np.ndarray) -> str:
@@ -66,13 +67,13 @@ def probe_scan(predictor: Predictor, path: Path, mask_path: Path | None) -> dict
     voxel_ml = float(np.prod(predictor.preprocessing.target_spacing)) / 1000.0
     rows = {}
     with torch.no_grad():
-        for key in PARTS:
-            logits = sliding_window_logits(_Part(predictor.model, key), volume, predictor.roi_size)
-            probability = torch.sigmoid(logits)[0, 0].cpu().numpy()
-            predicted = probability >= 0.5
-            rows[key] = {"dice": metrics.dice(predicted, grid_truth), "ml": float(predicted.sum()) * voxel_ml,
-                         "bleed": _spread(probability[grid_truth]), "head": _spread(probability[head & ~grid_truth]),
-                         "positive": bool(grid_truth.any())}
+        logits = sliding_window_logits(_BothAnswers(predictor.model), volume, predictor.roi_size)
+    for channel, key in enumerate(PARTS):
+        probability = torch.sigmoid(logits)[0, channel].cpu().numpy()
+        predicted = probability >= 0.5
+        rows[key] = {"dice": metrics.dice(predicted, grid_truth), "ml": float(predicted.sum()) * voxel_ml,
+                     "bleed": _spread(probability[grid_truth]), "head": _spread(probability[head & ~grid_truth]),
+                     "positive": bool(grid_truth.any())}
     return rows
 
 
