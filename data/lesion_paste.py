@@ -103,11 +103,11 @@ class RandLesionPasted(RandomizableTransform, MapTransform):
     blended at its edge. The label becomes 1 where the painted bleed is; ``ich`` becomes 1."""
 
     def __init__(self, bank: LesionBank, prob: float, intensity_unit: float = 1.0,
-                 image_key: str = "image", label_key: str = "label"):
+                 image_key: str = "image", label_key: str = "label", slice_axis_key: str = "slice_axis"):
         MapTransform.__init__(self, [image_key, label_key])
         RandomizableTransform.__init__(self, prob)
         self.bank, self.intensity_unit = bank, intensity_unit
-        self.image_key, self.label_key = image_key, label_key
+        self.image_key, self.label_key, self.slice_axis_key = image_key, label_key, slice_axis_key
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
         d = dict(data)
@@ -116,7 +116,7 @@ class RandLesionPasted(RandomizableTransform, MapTransform):
             return d
         lesion = self.bank.lesions[int(self.R.randint(len(self.bank)))]
         flips = [bool(self.R.rand() < 0.5) for _ in range(3)]
-        slice_axis = int(d.get("slice_axis", 2))  # data.transforms.SLICE_AXIS_KEY (not imported: it imports us)
+        slice_axis = int(d.get(self.slice_axis_key, 2))
         in_plane = tuple(axis for axis in range(3) if axis != slice_axis)
         swap = in_plane if self.R.rand() < 0.5 else None
         source, mask, alpha = _oriented(lesion, flips, swap)

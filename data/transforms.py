@@ -354,7 +354,8 @@ def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike,
     # Only when asked for: a random transform more in the Compose would reseed every later one.
     rotate = [RandSliceRotated(prob, in_plane_rotation_deg)] if in_plane_rotation_deg > 0 else []
     bank = LesionBank() if lesion_paste_prob > 0 else None
-    paste = [RandLesionPasted(bank, lesion_paste_prob, intensity_unit=unit)] if bank is not None else []
+    paste = ([RandLesionPasted(bank, lesion_paste_prob, intensity_unit=unit, slice_axis_key=SLICE_AXIS_KEY)]
+             if bank is not None else [])
     train_random = Compose([
         RandHemorrhageCropd(roi_size + 2 * jitter, positive_crop_fraction,
                             hard_negative_fraction=hard_negative_crop_fraction),

@@ -156,3 +156,22 @@ def test_loader_fills_the_bank_from_the_training_scans_and_pastes_into_their_cro
     assert all(g >= 0 for g in gained.values())
     for cases in (("001", "003"), ("002", "004")):
         assert sum(g > 0 for key, g in gained.items() if key[1] in cases) >= 4
+
+
+def test_the_turn_is_about_the_slice_axis_read_from_the_given_key():
+    image = np.zeros((1, 24, 24, 24), dtype=np.float32)
+    label = np.zeros(image.shape, dtype=np.uint8)
+    image[0, 8:10, 8:10, 6:12] = label[0, 8:10, 8:10, 6:12] = 1  # long along axis 2, square across it
+    bank = P.LesionBank()
+    bank.add_items([{"image": image, "label": label, P.TISSUE_MEDIAN_KEY: 0.0}])
+
+    def pasted(slice_axis: int, key: str, seed: int) -> torch.Tensor:
+        paste = P.RandLesionPasted(bank, prob=1.0, slice_axis_key=key)
+        paste.set_random_state(seed)
+        crop = {**crop_of(size=24), key: slice_axis}
+        return paste(crop)["label"]
+
+    # About axis 2 the turn swaps axes 0 and 1, across which the bleed is square: no turn changes it. About axis 0
+    # it swaps 1 and 2, so a turned bleed lies across: some seeds must differ.
+    assert any(not torch.equal(pasted(0, "axis_here", s), pasted(2, "axis_here", s)) for s in range(10))
+    assert all(torch.equal(pasted(0, "axis_here", s), pasted(0, "slice_axis", s)) for s in range(10))
