@@ -10,7 +10,7 @@ whose in-bleed median equals its head median has learned nothing. ``--json`` als
 answer over the ICH-positive scans (``bench/learning_bench.py`` reports the decoder's for every run).
 
     python bench/decoder_probe.py --run_dir /tmp/lb0/runs/ctich --input /tmp/lb0/cohorts/ctich/val.csv \
-        --mask_dir /tmp/lb0/cohorts/ctich/masks --out /tmp/lb0/ctich_decoder_probe.md
+        --mask_dir /tmp/lb0/cohorts/ctich/masks --out /tmp/lb0/ctich_decoder_probe.md [--device cpu]
 """
 from __future__ import annotations
 
@@ -28,11 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the project's modules are flat files at the repository root
 import metrics  # noqa: E402
+import utils  # noqa: E402
 from data.geometry import load_mask_for_image  # noqa: E402
-from data.io import MaskIndex, load_image_file  # noqa: E402
+from data.io import MaskIndex, VolumeLoadError, load_image_file  # noqa: E402
 from data.preprocess import resample_to_shape  # noqa: E402
 from inference import sliding_window_logits  # noqa: E402
-from predict import Predictor, collect_inputs, scan_geometry  # noqa: E402
+from predict import PredictionError, Predictor, collect_inputs, scan_geometry  # noqa: E402
 
 logger = logging.getLogger("bench.decoder_probe")
 PARTS = ("coarse_masks", "masks")  # the decoder's own answer, then the refined one
@@ -90,18 +91,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", type=Path, required=True, help="validation CSV (path,ich,...) or scans")
     parser.add_argument("--mask_dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=None, help="Markdown table (default: printed only)")
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (turbo is slow on a CPU)")
     parser.add_argument("--json", type=Path, default=None,
                         help="every scan's numbers and the mean Dice of each answer over ICH-positive scans")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    predictor = Predictor(args.run_dir / "best_model.pth", torch.device("cpu"))
-    masks = MaskIndex(args.mask_dir)
+    try:
+        predictor = Predictor(args.run_dir / "best_model.pth", utils.resolve_device(args.device))
+        masks = MaskIndex(args.mask_dir)
+        scans_to_probe = collect_inputs(args.input)
+    except (PredictionError, VolumeLoadError, OSError, ValueError) as error:  # each names the file or the value
+        parser.error(str(error))
     lines = [f"Decoder probe of `{args.run_dir}` on `{args.input}` (prompt-free, one pass, model grid; "
              "probability p5 / p50 / p95)", "",
              "| scan | decoder Dice | decoder mL | decoder p in bleed | decoder p in head | refined Dice | refined mL "
              "| refined p in bleed | refined p in head |", "|---|---|---|---|---|---|---|---|---|"]
     scans = {}
-    for scan in collect_inputs(args.input):
+    for scan in scans_to_probe:
         rows = scans[scan.path.name] = probe_scan(predictor, scan.path, masks.find(scan.path))
         cells = [f"{rows[part]['dice']:.3f} | {rows[part]['ml']:.2f} | {rows[part]['bleed']} | {rows[part]['head']}"
                  for part in PARTS]

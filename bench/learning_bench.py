@@ -200,7 +200,7 @@ def bench_cohort(name: str, spec: CohortSpec, work: Path, extra_flags: list[str]
         _run(predict_command, work / f"{run_dir.name}.predict.log")
         # Which part segments: the SAM decoder's own answer read alone (bench/decoder_probe.py).
         probe_command = [python, "bench/decoder_probe.py", "--run_dir", str(run_dir), "--input",
-                         str(data / "val.csv"), "--mask_dir", str(data / "masks"), "--out",
+                         str(data / "val.csv"), "--mask_dir", str(data / "masks"), "--device", "cpu", "--out",
                          str(run_dir / "decoder_probe.md"), "--json", str(run_dir / "decoder_probe.json")]
         _run(probe_command, work / f"{run_dir.name}.decoder_probe.log")
         probe = json.loads((run_dir / "decoder_probe.json").read_text())
@@ -230,8 +230,8 @@ def _mean_or_none(values: Iterable[float | None]) -> float | None:
     return None if any(v is None for v in values) else _mean(values)
 
 
-def _decoder_cell(run: dict[str, Any]) -> str:
-    return "–" if run.get("decoder_dice") is None else format_number(run["decoder_dice"])
+def _decoder_cell(dice: float | None) -> str:
+    return "–" if dice is None else format_number(dice)
 
 
 def _pooled(fractions: Iterable[str]) -> str:
@@ -258,7 +258,7 @@ def markdown(results: list[dict[str, Any]], command: str, label: str) -> str:
             lines.append(f"| {r['cohort']} | {model} | {o['train_s']:.0f} s ({o['epochs']} ep) | "
                          f"{format_number(o['dice'])} | {clicks} | {o['negatives_empty']} | "
                          f"{format_number(o['fp_ml'], 2)} | {format_number(o['volume_error_ml'], 2)} | "
-                         f"{o['first_epoch_dice_over_0.5'] or 'never'} | {_decoder_cell(o)} |")
+                         f"{o['first_epoch_dice_over_0.5'] or 'never'} | {_decoder_cell(o.get('decoder_dice'))} |")
         if len(runs) > 1:
             lines.append(f"| {r['cohort']} | ichseg tiny, {len(runs)} seeds | max {max(o['train_s'] for o in runs):.0f} s "
                          f"| mean {format_number(_mean(o['dice'] for o in runs))}, min "
@@ -267,7 +267,7 @@ def markdown(results: list[dict[str, Any]], command: str, label: str) -> str:
                          + f" | {_pooled(o['negatives_empty'] for o in runs)} | "
                          f"{format_number(_mean(o['fp_ml'] for o in runs), 2)} | "
                          f"{format_number(_mean(o['volume_error_ml'] for o in runs), 2)} | – | "
-                         f"{_decoder_cell({'decoder_dice': _mean_or_none(o.get('decoder_dice') for o in runs)})} |")
+                         f"{_decoder_cell(_mean_or_none(o.get('decoder_dice') for o in runs))} |")
         if "unet" in r:
             u = r["unet"]
             lines.append(f"| {r['cohort']} | MONAI U-Net | {u['train_s']:.0f} s ({u['steps']} steps) | "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 
 from test_predict import untrained_tiny_checkpoint
@@ -51,13 +52,13 @@ def test_decoder_and_refined_answers_are_scored_apart(tmp_path):
     assert biased["masks"]["bleed"] == biased["masks"]["head"] == "1.00 / 1.00 / 1.00"
 
 
-def test_markdown_table_has_a_row_per_scan(tmp_path, capsys):
+def test_markdown_table_has_a_row_per_scan(tmp_path):
     scan, _ = _scan(tmp_path)
     (tmp_path / "run").mkdir()
     untrained_tiny_checkpoint(tmp_path / "run" / "best_model.pth")
     out = tmp_path / "probe.md"
     assert decoder_probe.main(["--run_dir", str(tmp_path / "run"), "--input", str(scan.parent), "--mask_dir",
-                               str(tmp_path / "masks"), "--out", str(out)]) == 0
+                               str(tmp_path / "masks"), "--out", str(out), "--device", "cpu"]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| 007.pkl |")]
     assert len(rows) == 1 and rows[0].count("|") == 10
 
@@ -80,3 +81,20 @@ def test_json_means_count_ich_positive_scans_only(tmp_path):
     # The refined answer is all blood: 0 on the negative scan, which must not enter the mean.
     assert summary["refined_dice_positive"] == summary["scans"]["007.pkl"]["masks"]["dice"] > 0
     assert summary["decoder_dice_positive"] == summary["scans"]["007.pkl"]["coarse_masks"]["dice"]
+
+
+def test_an_unavailable_device_is_a_usage_error_not_a_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    scan, _ = _scan(tmp_path)
+    with pytest.raises(SystemExit) as caught:
+        decoder_probe.main(["--run_dir", str(tmp_path), "--input", str(scan.parent), "--mask_dir",
+                            str(tmp_path / "masks"), "--device", "cuda"])
+    assert caught.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
+
+
+def test_a_run_without_a_checkpoint_is_a_usage_error_naming_it(tmp_path, capsys):
+    scan, _ = _scan(tmp_path)
+    with pytest.raises(SystemExit) as caught:
+        decoder_probe.main(["--run_dir", str(tmp_path / "nowhere"), "--input", str(scan.parent), "--mask_dir",
+                            str(tmp_path / "masks"), "--device", "cpu"])
+    assert caught.value.code == 2 and str(tmp_path / "nowhere" / "best_model.pth") in capsys.readouterr().err
