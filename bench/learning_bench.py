@@ -131,6 +131,14 @@ COHORTS: dict[str, CohortSpec] = {
                         appearance=Appearance(lesion_kinds=ALL_KINDS, kind_weights=(2, 2, 2, 1, 2),
                                               multifocal_fraction=0.25, separate_foci=True, blood_hu=(58, 85),
                                               noise_hu=(5, 9), streak_fraction=0.3)),
+    # Made on 2026-11-29 (fifth session) before any run on it, while a longer schedule was explored on ctich,
+    # holdout and fresh; first run after that choice, once with each recipe compared.
+    "eighth": CohortSpec("held out: 288×288×30 at 0.8×0.8×5 mm, 3–35 mL, all five kinds, up to 3 foci in 35 %, blood "
+                         "56–86 HU, noise 4–9 HU, streaks in 35 %; 24 + 12 scans",
+                         (288, 288, 30), (0.8, 0.8, 5.0), seed=71, min_ml=3, max_ml=35, n_train=24, n_val=12,
+                         appearance=Appearance(lesion_kinds=ALL_KINDS, kind_weights=(2, 2, 2, 1, 2), max_foci=3,
+                                               multifocal_fraction=0.35, separate_foci=True, blood_hu=(56, 86),
+                                               noise_hu=(4, 9), streak_fraction=0.35)),
 }
 
 
