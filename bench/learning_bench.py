@@ -66,11 +66,14 @@ logger = logging.getLogger("ichseg.learning_bench")
 # 0.01-0.03 lower, the held-out cohort 0.035 lower), --scale_augmentation 0.3 and --final_hemorrhage_weight 3
 # (ctich's streak negative not empty with two seeds of three) (results/learning_bench.md, "Opt-in options",
 # "Re-measured", "Hard-case sampling" and "A held-out cohort").
-RECIPE = ["--model", "tiny", "--device", "cpu", "--epochs", "40", "--max_steps_per_epoch", "10", "--lr", "2e-3",
+# Fifth session of 2026-11-29: 1,000 steps instead of 400 and the cross-entropy over every voxel instead of the
+# hardest 10 % (TopK was what got 400 steps off the empty answer; with 1,000 it is not needed and holdout's crescent
+# is found with it off): every one of 21 runs on the seven earlier cohorts at Dice >= 0.80 (from 18), mean of the
+# cohort means 0.872 -> 0.913, 170-201 s of training of the 300 s budget; thin's negatives 12/12 -> 9/12.
+RECIPE = ["--model", "tiny", "--device", "cpu", "--epochs", "100", "--max_steps_per_epoch", "10", "--lr", "2e-3",
           "--scratch_lr", "4e-3", "--gradient_accumulation_steps", "1", "--scheduler_type", "cosine",
           "--warmup_epochs", "1", "--click_rounds", "1", "--target_spacing", "1.5", "1.5", "1.5",
-          "--hard_voxel_fraction", "0.1", "--final_hemorrhage_weight", "1", "--lesion_paste_prob", "1",
-          "--val_every", "40", "--seed", "0"]
+          "--final_hemorrhage_weight", "1", "--lesion_paste_prob", "1", "--val_every", "100", "--seed", "0"]
 
 
 @dataclasses.dataclass(frozen=True)

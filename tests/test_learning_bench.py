@@ -1,6 +1,7 @@
 """The learning benchmark's bookkeeping (its trainings are too long for the suite: bench/results/learning_bench.md)."""
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -55,3 +56,27 @@ def test_decoder_dice_is_a_column_and_missing_values_read_as_a_dash():
     table = LB.markdown([{"cohort": "repro", "description": "d", "ours": old[0], "seeds": old}], "cmd", "")
     rows = [line for line in table.splitlines() if line.startswith("| repro")]
     assert [row.rstrip(" |").rsplit("| ", 1)[1] for row in rows] == ["–", "0.500", "–"]
+
+
+def test_the_readme_documents_the_recipe_the_bench_runs():
+    """The README's CPU recipe is the one whose numbers it prints: its flags equal RECIPE's, in any order."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("**Tiny build on a CPU**"):]
+    block = section[section.index("```bash") + len("```bash"):]
+    block = block[:block.index("```")].replace("\\\n", " ")
+    words = shlex.split(block)
+    documented = words[words.index("--model"):]
+
+    def as_options(arguments: list[str]) -> dict[str, tuple[str, ...]]:
+        options: dict[str, tuple[str, ...]] = {}
+        for i, word in enumerate(arguments):
+            if word.startswith("--"):
+                values = []
+                for value in arguments[i + 1:]:
+                    if value.startswith("--"):
+                        break
+                    values.append(value)
+                options[word] = tuple(values)
+        return options
+
+    assert as_options(documented) == as_options(LB.RECIPE)
