@@ -44,8 +44,9 @@ import utils  # noqa: E402
 logger = logging.getLogger("ichseg.learning_bench")
 
 # The README's CPU recipe for the tiny build (everything else at its default).
-# Sized for 5 minutes on 2 CPU cores: 400 steps of 2 crops (an epoch is capped at 10 steps so the run length does
-# not grow with the cohort), one click round in the interactive half of the batches, validation once. Volumes are
+# Sized for 5 minutes on 2 CPU cores (the history below is in order; the last paragraph is today's recipe): 400
+# steps of 2 crops (an epoch is capped at 10 steps so the run length does not grow with the cohort), one click
+# round in the interactive half of the batches, validation once. Volumes are
 # resampled to 1.5 mm, SAM-Med3D's pretraining spacing: at 2 mm repro scored 0.663 against 0.806 (50 epochs each),
 # its subdural crescents 0.14 / 0.49 against 0.36 / 0.75 (thinner partial-volume rims at the skull). The fresh
 # parts (refiner, head) at twice the encoder's rate: with the decoder's deep supervision (train default 0.3),
