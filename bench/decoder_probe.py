@@ -68,9 +68,9 @@ def probe_scan(predictor: Predictor, path: Path, mask_path: Path | None) -> dict
     voxel_ml = float(np.prod(predictor.preprocessing.target_spacing)) / 1000.0
     rows = {}
     with torch.no_grad():
-        logits = sliding_window_logits(_BothAnswers(predictor.model), volume, predictor.roi_size)
-    for channel, key in enumerate(PARTS):
-        probability = torch.sigmoid(logits)[0, channel].cpu().numpy()
+        probabilities = torch.sigmoid(sliding_window_logits(_BothAnswers(predictor.model), volume,
+                                                            predictor.roi_size))[0].cpu().numpy()
+    for probability, key in zip(probabilities, PARTS):
         predicted = probability >= 0.5
         rows[key] = {"dice": metrics.dice(predicted, grid_truth), "ml": float(predicted.sum()) * voxel_ml,
                      "bleed": _spread(probability[grid_truth]), "head": _spread(probability[head & ~grid_truth]),
@@ -118,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
               + ", refined ".join("–" if means[p] is None else f"{means[p]:.3f}" for p in PARTS)]
     text = "\n".join(lines) + "\n"
     if args.out is not None:
-        args.out.write_text(text)
+        utils.atomic_write_text(args.out, text)
     if args.json is not None:
-        args.json.write_text(json.dumps({"scans": scans, "decoder_dice_positive": means["coarse_masks"],
-                                         "refined_dice_positive": means["masks"]}, indent=1))
+        utils.atomic_write_text(args.json, json.dumps({"scans": scans, "decoder_dice_positive": means["coarse_masks"],
+                                                       "refined_dice_positive": means["masks"]}, indent=1))
     print(text)
     return 0
 
