@@ -143,6 +143,14 @@ COHORTS: dict[str, CohortSpec] = {
                          appearance=Appearance(lesion_kinds=ALL_KINDS, kind_weights=(2, 2, 2, 1, 2), max_foci=3,
                                                multifocal_fraction=0.35, separate_foci=True, blood_hu=(56, 86),
                                                noise_hu=(4, 9), streak_fraction=0.35)),
+    # Made on 2026-11-29 (sixth session) before any run on it, while a context branch for the refiner was explored
+    # on the other cohorts' streaks; first run after that choice, once with each recipe compared.
+    "ninth": CohortSpec("held out: 224×224×48 at 1.0×1.0×3 mm, 3–30 mL, all five kinds, up to 2 foci in 30 %, blood "
+                        "57–87 HU, noise 5–10 HU, streaks in 30 %; 24 + 12 scans",
+                        (224, 224, 48), (1.0, 1.0, 3.0), seed=81, min_ml=3, max_ml=30, n_train=24, n_val=12,
+                        appearance=Appearance(lesion_kinds=ALL_KINDS, kind_weights=(2, 2, 2, 1, 2),
+                                              multifocal_fraction=0.3, separate_foci=True, blood_hu=(57, 87),
+                                              noise_hu=(5, 10), streak_fraction=0.3)),
 }
 
 
