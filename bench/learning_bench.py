@@ -71,6 +71,9 @@ logger = logging.getLogger("ichseg.learning_bench")
 # hardest 10 % (TopK was what got 400 steps off the empty answer; with 1,000 it is not needed and holdout's crescent
 # is found with it off): every one of 21 runs on the seven earlier cohorts at Dice >= 0.80 (from 18), mean of the
 # cohort means 0.872 -> 0.913, 170-201 s of training of the 300 s budget; thin's negatives 12/12 -> 9/12.
+# Sixth session: no change. The streak false positives left were screened (--hard_case_fraction 0.5, paste into
+# half or none of the crops, 1,300 steps, a whole-crop refiner context, ...): none cures them on every cohort
+# (results/learning_bench.md, "Why the streaks stay").
 RECIPE = ["--model", "tiny", "--device", "cpu", "--epochs", "100", "--max_steps_per_epoch", "10", "--lr", "2e-3",
           "--scratch_lr", "4e-3", "--gradient_accumulation_steps", "1", "--scheduler_type", "cosine",
           "--warmup_epochs", "1", "--click_rounds", "1", "--target_spacing", "1.5", "1.5", "1.5",
@@ -91,6 +94,17 @@ class CohortSpec:
 
 
 ALL_KINDS = ("ellipsoid", "lobulated", "subdural", "intraventricular", "irregular")
+
+
+def _held_out(description: str, shape: tuple[int, int, int], spacing: tuple[float, float, float], seed: int,
+              max_ml: float, **appearance: Any) -> CohortSpec:
+    """The held-out cohorts' shared design: 24 + 12 scans, bleeds from 3 mL, all five kinds (intraventricular half
+    as often), separate foci; ``appearance`` sets the rest (contrast, noise, streaks, foci)."""
+    return CohortSpec(description, shape, spacing, seed=seed, min_ml=3, max_ml=max_ml, n_train=24, n_val=12,
+                      appearance=Appearance(lesion_kinds=ALL_KINDS, kind_weights=(2, 2, 2, 1, 2), separate_foci=True,
+                                            **appearance))
+
+
 COHORTS: dict[str, CohortSpec] = {
     "repro": CohortSpec("the learning issue's reproduction: 160×160×28 at 1.6×1.6×5 mm, 3–12 mL, 1–2 foci",
                         (160, 160, 28), (1.6, 1.6, 5.0), seed=3, min_ml=3, max_ml=12),
@@ -113,44 +127,35 @@ COHORTS: dict[str, CohortSpec] = {
                                              multifocal_fraction=0.3, separate_foci=True, noise_hu=(6, 12))),
     # Made after every recipe choice of the four above and used to choose nothing until --lesion_paste_prob, whose
     # value was explored on its seed 0 (so it is no longer unseen: see "unseen" below).
-    "holdout": CohortSpec("held out: 256×256×36 at 0.9×0.9×4 mm, 3–30 mL, all five kinds, 2 foci in 30 %, blood "
-                          "58–88 HU, noise 5–9 HU, streaks in 20 %; 24 + 12 scans",
-                          (256, 256, 36), (0.9, 0.9, 4.0), seed=41, min_ml=3, max_ml=30, n_train=24, n_val=12,
-                          appearance=Appearance(lesion_kinds=ALL_KINDS, kind_weights=(2, 2, 2, 1, 2),
-                                                multifocal_fraction=0.3, separate_foci=True, blood_hu=(58, 88),
-                                                noise_hu=(5, 9), streak_fraction=0.2)),
+    "holdout": _held_out("held out: 256×256×36 at 0.9×0.9×4 mm, 3–30 mL, all five kinds, 2 foci in 30 %, blood "
+                         "58–88 HU, noise 5–9 HU, streaks in 20 %; 24 + 12 scans",
+                         (256, 256, 36), (0.9, 0.9, 4.0), seed=41, max_ml=30, multifocal_fraction=0.3,
+                         blood_hu=(58, 88), noise_hu=(5, 9), streak_fraction=0.2),
     # Made on 2026-11-29 before --lesion_paste_prob was chosen, and first run after the choice, once with each
     # recipe: the held-out check of that choice (a grid, slice thickness and mix of its own).
-    "unseen": CohortSpec("held out: 384×384×32 at 0.6×0.6×4.5 mm, 3–25 mL, all five kinds, 2 foci in 30 %, blood "
-                         "60–85 HU, noise 4–8 HU, streaks in 25 %; 24 + 12 scans",
-                         (384, 384, 32), (0.6, 0.6, 4.5), seed=51, min_ml=3, max_ml=25, n_train=24, n_val=12,
-                         appearance=Appearance(lesion_kinds=ALL_KINDS, kind_weights=(2, 2, 2, 1, 2),
-                                               multifocal_fraction=0.3, separate_foci=True, blood_hu=(60, 85),
-                                               noise_hu=(4, 8), streak_fraction=0.25)),
+    "unseen": _held_out("held out: 384×384×32 at 0.6×0.6×4.5 mm, 3–25 mL, all five kinds, 2 foci in 30 %, blood "
+                        "60–85 HU, noise 4–8 HU, streaks in 25 %; 24 + 12 scans",
+                        (384, 384, 32), (0.6, 0.6, 4.5), seed=51, max_ml=25, multifocal_fraction=0.3,
+                        blood_hu=(60, 85), noise_hu=(4, 8), streak_fraction=0.25),
     # Made on 2026-11-29 (fourth session) before any run on it, when the next recipe change was explored on the
     # cohorts above; first run after that choice, once with each recipe compared.
-    "fresh": CohortSpec("held out: 320×320×26 at 0.7×0.7×6 mm, 3–20 mL, all five kinds, 2 foci in 25 %, blood "
-                        "58–85 HU, noise 5–9 HU, streaks in 30 %; 24 + 12 scans",
-                        (320, 320, 26), (0.7, 0.7, 6.0), seed=61, min_ml=3, max_ml=20, n_train=24, n_val=12,
-                        appearance=Appearance(lesion_kinds=ALL_KINDS, kind_weights=(2, 2, 2, 1, 2),
-                                              multifocal_fraction=0.25, separate_foci=True, blood_hu=(58, 85),
-                                              noise_hu=(5, 9), streak_fraction=0.3)),
+    "fresh": _held_out("held out: 320×320×26 at 0.7×0.7×6 mm, 3–20 mL, all five kinds, 2 foci in 25 %, blood "
+                       "58–85 HU, noise 5–9 HU, streaks in 30 %; 24 + 12 scans",
+                       (320, 320, 26), (0.7, 0.7, 6.0), seed=61, max_ml=20, multifocal_fraction=0.25,
+                       blood_hu=(58, 85), noise_hu=(5, 9), streak_fraction=0.3),
     # Made on 2026-11-29 (fifth session) before any run on it, while a longer schedule was explored on ctich,
     # holdout and fresh; first run after that choice, once with each recipe compared.
-    "eighth": CohortSpec("held out: 288×288×30 at 0.8×0.8×5 mm, 3–35 mL, all five kinds, up to 3 foci in 35 %, blood "
-                         "56–86 HU, noise 4–9 HU, streaks in 35 %; 24 + 12 scans",
-                         (288, 288, 30), (0.8, 0.8, 5.0), seed=71, min_ml=3, max_ml=35, n_train=24, n_val=12,
-                         appearance=Appearance(lesion_kinds=ALL_KINDS, kind_weights=(2, 2, 2, 1, 2), max_foci=3,
-                                               multifocal_fraction=0.35, separate_foci=True, blood_hu=(56, 86),
-                                               noise_hu=(4, 9), streak_fraction=0.35)),
-    # Made on 2026-11-29 (sixth session) before any run on it, while a context branch for the refiner was explored
-    # on the other cohorts' streaks; first run after that choice, once with each recipe compared.
-    "ninth": CohortSpec("held out: 224×224×48 at 1.0×1.0×3 mm, 3–30 mL, all five kinds, up to 2 foci in 30 %, blood "
-                        "57–87 HU, noise 5–10 HU, streaks in 30 %; 24 + 12 scans",
-                        (224, 224, 48), (1.0, 1.0, 3.0), seed=81, min_ml=3, max_ml=30, n_train=24, n_val=12,
-                        appearance=Appearance(lesion_kinds=ALL_KINDS, kind_weights=(2, 2, 2, 1, 2),
-                                              multifocal_fraction=0.3, separate_foci=True, blood_hu=(57, 87),
-                                              noise_hu=(5, 10), streak_fraction=0.3)),
+    "eighth": _held_out("held out: 288×288×30 at 0.8×0.8×5 mm, 3–35 mL, all five kinds, up to 3 foci in 35 %, blood "
+                        "56–86 HU, noise 4–9 HU, streaks in 35 %; 24 + 12 scans",
+                        (288, 288, 30), (0.8, 0.8, 5.0), seed=71, max_ml=35, max_foci=3, multifocal_fraction=0.35,
+                        blood_hu=(56, 86), noise_hu=(4, 9), streak_fraction=0.35),
+    # Made on 2026-11-29 (sixth session) before any run on it, while the streak false positives were screened on
+    # the cohorts above; run once with the recipe in force after those screens, and to be run once with the next
+    # recipe candidate: the held-out check of the next choice.
+    "ninth": _held_out("held out: 224×224×48 at 1.0×1.0×3 mm, 3–30 mL, all five kinds, up to 2 foci in 30 %, blood "
+                       "57–87 HU, noise 5–10 HU, streaks in 30 %; 24 + 12 scans",
+                       (224, 224, 48), (1.0, 1.0, 3.0), seed=81, max_ml=30, multifocal_fraction=0.3,
+                       blood_hu=(57, 87), noise_hu=(5, 10), streak_fraction=0.3),
 }
 
 
