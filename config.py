@@ -106,6 +106,11 @@ class DataConfig:
         "Fraction of the other training crops (all crops of ICH-negative scans) centred on hyperdense tissue that "
         "is not hemorrhage and not next to bone (streaks, dense brain): the look-alikes a model calls blood.",
         default=0.0)
+    false_positive_crop_fraction: float = _flag(
+        "Fraction of a training scan's crops centred on voxels the model being trained calls blood there but are "
+        "not (found by a prompt-free pass over the training scans every --false_positive_mining_every epochs; "
+        "0: off): the streaks and rims a small cohort shows too rarely to learn from uniform crops.",
+        default=0.0, metavar="FRACTION")
     hard_case_fraction: float = _flag(
         "Fraction of each epoch's training scans drawn in proportion to their recent training loss, within the "
         "ICH-positive and the ICH-negative scans separately (the rest uniformly; with replacement when > 0): a kind "
@@ -209,6 +214,10 @@ class TrainConfig:
     seed: int = _flag("Random seed for data sampling, augmentation and initialisation.", default=42)
     device: str = _flag("Compute device.", default="auto", choices=DEVICES)
     val_every: int = _flag("Validate every N epochs.", default=1)
+    false_positive_mining_every: int = _flag(
+        "With --false_positive_crop_fraction: a prompt-free pass of the current model over the training scans at "
+        "the start of every N-th epoch (not the first) finds the voxels its crops are centred on.", default=25,
+        metavar="N")
     max_steps_per_epoch: int | None = _flag("Cap micro-batches per epoch (quick experiments).", default=None)
     resume: str | None = _flag("Resume: 'auto' (latest_model.pth in output_dir if present) or a checkpoint path.",
                                default=None)
@@ -312,6 +321,7 @@ class Config:
                 problems.append(f"--mask_dir {d.mask_dir}: folder not found")
         positive = {"batch_size": t.batch_size, "epochs": t.epochs,
                     "gradient_accumulation_steps": t.gradient_accumulation_steps, "val_every": t.val_every,
+                    "false_positive_mining_every": t.false_positive_mining_every,
                     "click_rounds": t.click_rounds, "visual_tokens": m.visual_tokens, "log_freq": lg.log_freq,
                     "max_nonfinite_steps": t.max_nonfinite_steps, "step_size": t.step_size,
                     "patience": t.patience}
@@ -341,6 +351,7 @@ class Config:
         for name, value in (("positive_crop_fraction", d.positive_crop_fraction),
                             ("hard_negative_crop_fraction", d.hard_negative_crop_fraction),
                             ("hard_case_fraction", d.hard_case_fraction),
+                            ("false_positive_crop_fraction", d.false_positive_crop_fraction),
                             ("augmentation_prob", d.augmentation_prob),
                             ("lesion_paste_prob", d.lesion_paste_prob)):
             if not 0.0 <= value <= 1.0:

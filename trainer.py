@@ -32,6 +32,7 @@ from inference import autocast_context, choose_amp_dtype
 from distributed import RankGroup
 from evaluation import evaluate
 from memory import MemoryMonitor
+from mining import FalsePositiveMining
 from model import export_encoder, load_trained_weights, read_trained_checkpoint
 from objective import PromptedSegmentation, SegmentationLoss, hemorrhage_weight_cap
 from optimization import EarlyStopping, build_scheduler, group_sizes, parameter_groups
@@ -112,6 +113,14 @@ class Trainer:
         sampler = getattr(train_loader, "sampler", None)
         self.hard_cases = (HardCaseSampling(sampler.case_ids, config.data.hard_case_fraction, sampler.case_ich or None)
                            if config.data.hard_case_fraction > 0 and getattr(sampler, "case_ids", None) else None)
+        # Mining reads the cached training scans behind the loader (StageDataset.base).
+        scans = getattr(getattr(train_loader, "dataset", None), "base", None)
+        self.mining = (FalsePositiveMining(t.false_positive_mining_every, scans, self.roi_size,
+                                           self.preprocessing.target_spacing, self.ranks, rank,
+                                           config.model.min_component_ml, config.model.min_component_peak)
+                       if config.data.false_positive_crop_fraction > 0 and scans is not None else None)
+        if config.data.false_positive_crop_fraction > 0 and scans is None:
+            logger.warning("--false_positive_crop_fraction: this training loader has no cached scans to mine; off")
         self.prompt_generator = torch.Generator().manual_seed(t.seed + 1)
 
         step_module: nn.Module = PromptedSegmentation(self.model)
@@ -174,8 +183,10 @@ class Trainer:
         self.memory.reset()
         t = self.config.train
         self.loss_fn.hemorrhage_weight_cap = hemorrhage_weight_cap(epoch, t.epochs, t.final_hemorrhage_weight)
-        weights = {"case_weights": self.hard_cases.weights()} if self.hard_cases is not None else {}
-        self.set_loader_epoch(self.train_loader, epoch, **weights)
+        sampling: dict[str, Any] = {"case_weights": self.hard_cases.weights()} if self.hard_cases is not None else {}
+        if self.mining is not None:
+            sampling["mined"] = self.mining.before_epoch(epoch, self.model, self.device, self.amp_dtype)
+        self.set_loader_epoch(self.train_loader, epoch, **sampling)
         if self.progress.epoch != epoch:
             self.progress = EpochProgress(epoch=epoch)
 
@@ -207,6 +218,8 @@ class Trainer:
         self.eta.update(record["epoch_time_s"], val_stats.get("val_time_s"))
         remaining = self.eta.eta_seconds(self.config.train.epochs - epoch - 1, sum(
             self._is_validation_epoch(e) for e in range(epoch + 1, self.config.train.epochs)))
+        if self.mining is not None and remaining is not None:
+            remaining += self.mining.seconds_left(epoch + 1, self.config.train.epochs)
         logger.info("%s", reporting.epoch_line(record, self.config.train.epochs, remaining, improved))
 
     def on_fit_end(self) -> dict[str, Any]:
@@ -441,6 +454,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "preprocessing": self.preprocessing.to_dict(),
             "hard_cases": self.hard_cases.state_dict() if self.hard_cases is not None else None,
+            "false_positive_mining": self.mining.state_dict() if self.mining is not None else None,
         }
 
     def save_checkpoint(self, path: Path) -> None:
@@ -480,6 +494,8 @@ class Trainer:
         self._resumed_run_id = state.get("wandb_run_id")
         if self.hard_cases is not None and state.get("hard_cases"):
             self.hard_cases.load_state_dict(state["hard_cases"])
+        if self.mining is not None and state.get("false_positive_mining"):
+            self.mining.load_state_dict(state["false_positive_mining"])
         if self.start_epoch >= self.config.train.epochs:
             logger.warning("%s already completed %d epochs and --epochs is %d: nothing left to train (raise "
                            "--epochs to continue)", path, self.start_epoch, self.config.train.epochs)

@@ -73,7 +73,9 @@ logger = logging.getLogger("ichseg.learning_bench")
 # cohort means 0.872 -> 0.913, 170-201 s of training of the 300 s budget; thin's negatives 12/12 -> 9/12.
 # Sixth session: no change. The streak false positives left were screened (--hard_case_fraction 0.5, paste into
 # half or none of the crops, 1,300 steps, a whole-crop refiner context, ...): none cures them on every cohort
-# (results/learning_bench.md, "Why the streaks stay").
+# (results/learning_bench.md, "Why the streaks stay"). Seventh session: no change. Crop-level false-positive mining
+# (--false_positive_crop_fraction, mining.py), alone, every 10 epochs and with a whole-crop refiner context, left
+# the streaks where they were (results/learning_bench.md, "Crop-level false-positive mining").
 RECIPE = ["--model", "tiny", "--device", "cpu", "--epochs", "100", "--max_steps_per_epoch", "10", "--lr", "2e-3",
           "--scratch_lr", "4e-3", "--gradient_accumulation_steps", "1", "--scheduler_type", "cosine",
           "--warmup_epochs", "1", "--click_rounds", "1", "--target_spacing", "1.5", "1.5", "1.5",

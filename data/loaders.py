@@ -27,7 +27,7 @@ from config import DataConfig
 from data.budget import small_volume_warning
 from data.preprocess import Preprocessing, preprocessed_shape
 from data.records import Case, Cohort
-from data.transforms import MAX_HEAD_INDICES, build_transforms, cache_key
+from data.transforms import MAX_HEAD_INDICES, MINED_INDICES_KEY, build_transforms, cache_key
 from utils import usable_cpu_count
 
 logger = logging.getLogger(__name__)
@@ -54,12 +54,18 @@ class EpochSampler(Sampler):
         self.case_ids, self.case_ich = list(case_ids), list(case_ich)
         self.epoch = 0
         self.case_weights: np.ndarray | None = None
+        self.mined: dict[int, np.ndarray] = {}
         self._iterated: set[int] = set()
 
-    def set_epoch(self, epoch: int, case_weights: np.ndarray | None = None) -> None:
+    def set_epoch(self, epoch: int, case_weights: np.ndarray | None = None,
+                  mined: dict[int, np.ndarray] | None = None) -> None:
         """``case_weights`` (one per scan, dataset order; see data.case_sampling): the epoch's scans are drawn
-        with replacement in these proportions instead of the shuffled pass; None: the shuffled pass."""
+        with replacement in these proportions instead of the shuffled pass; None: the shuffled pass. ``mined``:
+        dataset index -> the current model's false-positive voxels in that scan (see mining.py); each is sent to
+        the worker with its scan's key (persistent workers see the update); None keeps the last ones."""
         self.epoch = int(epoch)
+        if mined is not None:
+            self.mined = dict(mined)
         self.inner.set_epoch(self.epoch)
         if case_weights is not None and len(case_weights) != len(self.inner.dataset):  # type: ignore[arg-type]
             raise ValueError(f"{len(case_weights)} case weights for {len(self.inner.dataset)} scans")  # type: ignore
@@ -76,13 +82,13 @@ class EpochSampler(Sampler):
                                   generator=generator).tolist()
         return draws[inner.rank:inner.total_size:inner.num_replicas]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int] | tuple[int, int, np.ndarray]]:
         if self.epoch in self._iterated:
             logger.warning("training sampler iterated twice for epoch %d: call set_epoch(train_loader, epoch) at "
                            "the start of every epoch, or every epoch repeats the same crops", self.epoch)
         self._iterated.add(self.epoch)
-        epoch = self.epoch
-        return iter([(index, epoch) for index in self._order()])
+        epoch, mined = self.epoch, self.mined
+        return iter([(index, epoch, mined[index]) if index in mined else (index, epoch) for index in self._order()])
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -90,7 +96,8 @@ class EpochSampler(Sampler):
 
 class StageDataset(torch.utils.data.Dataset):
     """``transform(base[index])``. With a ``seed`` the transform is random and is reseeded per sample from
-    (seed, epoch, index); indices are then ``(index, epoch)`` pairs from EpochSampler (a bare int means epoch 0)."""
+    (seed, epoch, index); indices are then ``(index, epoch)`` pairs from EpochSampler (a bare int means epoch 0),
+    or ``(index, epoch, mined)`` triples that add the scan's mined false-positive voxels to the item."""
 
     def __init__(self, base: torch.utils.data.Dataset, transform: Compose, seed: int | None = None):
         self.base, self.transform, self.seed = base, transform, seed
@@ -98,21 +105,24 @@ class StageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+    def __getitem__(self, key: int | tuple) -> dict[str, Any]:
+        index, epoch, *mined = key if isinstance(key, tuple) else (key, 0)
         item = dict(self.base[index])
+        if mined:
+            item[MINED_INDICES_KEY] = mined[0]
         if self.seed is not None:
             self.transform.set_random_state(seed=sample_seed(self.seed, epoch, index))
         return self.transform(item)
 
 
-def set_epoch(loader: DataLoader, epoch: int, case_weights: np.ndarray | None = None) -> None:
+def set_epoch(loader: DataLoader, epoch: int, case_weights: np.ndarray | None = None,
+              mined: dict[int, np.ndarray] | None = None) -> None:
     """Make ``loader``'s next pass epoch ``epoch``: the training sampler's order and every crop/augmentation depend
-    only on (seed, epoch) and ``case_weights`` (hard-case sampling, see EpochSampler.set_epoch). Call before
-    iterating each epoch (also after resuming); harmless on the val loader."""
+    only on (seed, epoch), ``case_weights`` (hard-case sampling) and ``mined`` (false-positive mining; see
+    EpochSampler.set_epoch). Call before iterating each epoch (also after resuming); harmless on the val loader."""
     sampler = loader.sampler
     if isinstance(sampler, EpochSampler):
-        sampler.set_epoch(epoch, case_weights)
+        sampler.set_epoch(epoch, case_weights, mined)
     elif hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
 
@@ -233,7 +243,8 @@ def build_dataloaders(data_config: DataConfig, preprocessing: Preprocessing, coh
                                   hard_negative_crop_fraction=data_config.hard_negative_crop_fraction,
                                   in_plane_rotation_deg=data_config.in_plane_rotation_deg,
                                   scale_augmentation=data_config.scale_augmentation,
-                                  lesion_paste_prob=data_config.lesion_paste_prob)
+                                  lesion_paste_prob=data_config.lesion_paste_prob,
+                                  mined_crop_fraction=data_config.false_positive_crop_fraction)
     train_items = [_case_item(c, preprocessing) for c in cohort.train]
     val_items = [_case_item(c, preprocessing) for c in cohort.val]
 

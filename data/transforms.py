@@ -61,6 +61,9 @@ FG_INDICES_KEY, BG_INDICES_KEY, AIR_KEY = "label_fg_indices", "label_bg_indices"
 # Flat indices of hyperdense head tissue that is not hemorrhage (hard negatives: streaks, hyperdense brain), int32,
 # and whether the scan has any hemorrhage (an ICH-negative scan's crops all come from its head).
 HARD_INDICES_KEY, HAS_BLOOD_KEY = "label_hard_bg_indices", "has_hemorrhage"
+# The current model's false-positive voxels in this scan (flat indices), mined during training (see mining.py)
+# and handed to the crop with each sample's key; absent before the first mining pass.
+MINED_INDICES_KEY = "label_mined_fp_indices"
 # The scan's slice axis (largest raw spacing), which in-plane rotations turn about; LoadPreprocessd adds it.
 SLICE_AXIS_KEY = "slice_axis"
 # Hyperdense = the 3-voxel mean at least this many head-tissue standard deviations (Preprocessing.intensity_unit,
@@ -237,21 +240,30 @@ class RandHemorrhageCropd(RandCropByPosNegLabeld):
     of those head crops (every crop of an ICH-negative scan is one) centred on hyperdense non-hemorrhage tissue
     instead, where the scan has any. Centres are moved inwards so the crop stays inside the volume; an axis shorter
     than roi is taken whole (PadToRoid then pads it with air). ``build_transforms`` asks for roi + 2·jitter and then
-    takes a random roi sub-crop of it."""
+    takes a random roi sub-crop of it.
+
+    With ``mined_fraction``, that share of a scan's crops is centred on one of the voxels the model being trained
+    wrongly calls blood (``label_mined_fp_indices``, see mining.py) instead, whatever the scan's label, where the
+    scan has any."""
 
     def __init__(self, roi_size: int, pos_fraction: float, keys: tuple[str, ...] = ("image", "label"),
-                 hard_negative_fraction: float = 0.0):
-        for name, value in (("pos_fraction", pos_fraction), ("hard_negative_fraction", hard_negative_fraction)):
+                 hard_negative_fraction: float = 0.0, mined_fraction: float = 0.0):
+        for name, value in (("pos_fraction", pos_fraction), ("hard_negative_fraction", hard_negative_fraction),
+                            ("mined_fraction", mined_fraction)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         super().__init__(list(keys), label_key="label", spatial_size=(roi_size,) * 3, pos=pos_fraction,
                          neg=1.0 - pos_fraction, num_samples=1, fg_indices_key=FG_INDICES_KEY,
                          bg_indices_key=BG_INDICES_KEY, allow_smaller=True)
-        self.hard_negative_fraction = hard_negative_fraction
+        self.hard_negative_fraction, self.mined_fraction = hard_negative_fraction, mined_fraction
 
     def __call__(self, data: Mapping[str, Any], lazy: bool | None = None) -> dict[str, Any]:  # type: ignore[override]
-        # Only drawn when asked for, so a run without hard negatives keeps its random stream (and its crops).
-        if self.hard_negative_fraction > 0 and self.R.rand() < self.hard_negative_fraction:
+        # Each draw only when asked for, so a run without mining or hard negatives keeps its random stream (and
+        # its crops).
+        mined = data.get(MINED_INDICES_KEY)
+        if self.mined_fraction > 0 and mined is not None and len(mined) and self.R.rand() < self.mined_fraction:
+            data = {**data, FG_INDICES_KEY: mined, BG_INDICES_KEY: mined}
+        elif self.hard_negative_fraction > 0 and self.R.rand() < self.hard_negative_fraction:
             hard = data.get(HARD_INDICES_KEY)
             if hard is not None and len(hard):
                 data = {**data, BG_INDICES_KEY: hard}
@@ -330,13 +342,15 @@ class Transforms:
 def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike, positive_crop_fraction: float,
                      augmentation_prob: float, augment_device: torch.device | None = None,
                      hard_negative_crop_fraction: float = 0.0, in_plane_rotation_deg: float = 0.0,
-                     scale_augmentation: float = DEFAULT_SCALE_RANGE, lesion_paste_prob: float = 0.0) -> Transforms:
+                     scale_augmentation: float = DEFAULT_SCALE_RANGE, lesion_paste_prob: float = 0.0,
+                     mined_crop_fraction: float = 0.0) -> Transforms:
     """Train: train_cached → train_random → finalize; val: val_cached → finalize. Crops are
     ``preprocessing.input_size`` on a side.
 
     ``hard_negative_crop_fraction`` of the head-centred crops are centred on hyperdense non-hemorrhage tissue
-    (see CropIndicesd). The crop's chosen voxel (hemorrhage or head) lands anywhere within ±roi/4 of its centre
-    (``CENTRE_JITTER_FRACTION``). Augmentations each fire with ``augmentation_prob``: a rotation about the slice
+    (see CropIndicesd); ``mined_crop_fraction`` of the crops of a scan with mined false positives are centred on
+    one of them (see RandHemorrhageCropd). The crop's chosen voxel (hemorrhage, head or mined) lands anywhere
+    within ±roi/4 of its centre (``CENTRE_JITTER_FRACTION``). Augmentations each fire with ``augmentation_prob``: a rotation about the slice
     axis within ±``in_plane_rotation_deg`` (on the jittered crop, before its sub-crop), a mirror per axis, a small
     affine (±10° per axis, each axis scaled by 1 ± ``scale_augmentation``; image bilinear with border padding,
     label nearest), intensity scale ±10 %, shift ±0.1 and Gaussian noise σ 0.05 head-tissue standard deviations
@@ -358,7 +372,7 @@ def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike,
              if bank is not None else [])
     train_random = Compose([
         RandHemorrhageCropd(roi_size + 2 * jitter, positive_crop_fraction,
-                            hard_negative_fraction=hard_negative_crop_fraction),
+                            hard_negative_fraction=hard_negative_crop_fraction, mined_fraction=mined_crop_fraction),
         *to_device,
         *rotate,
         RandSpatialCropd(keys, roi_size=(roi_size,) * 3, random_size=False),

@@ -37,7 +37,7 @@ def test_every_flag_lands_in_its_field(cohort_files, tmp_path):
         "--freeze_encoder", "--use_gradient_checkpointing", "--visual_tokens", "128", "--use_wandb",
         "--wandb_project", "p", "--wandb_entity", "e", "--log_images", "--log_freq", "2", "--num_workers", "1",
         "--no-cache_in_memory", "--prompt_mode", "clicks", "--resume", "auto", "--seed", "7",
-        "--allow_unusual_masks"])
+        "--allow_unusual_masks", "--false_positive_crop_fraction", "0.25", "--false_positive_mining_every", "5"])
     assert config.model.name == "tiny" and config.model.visual_tokens == 128
     assert config.model.freeze_encoder and config.model.use_gradient_checkpointing
     assert config.train.epochs == 3 and config.train.batch_size == 4 and config.train.lr == 3e-4
@@ -50,6 +50,7 @@ def test_every_flag_lands_in_its_field(cohort_files, tmp_path):
     assert config.model.pretrained_checkpoint == str(weights) and config.model.mask_refiner is False
     assert config.train.decoder_lr_scale == 0.5 and config.train.scratch_lr == 1e-3
     assert config.data.normalization == "minmax" and config.data.allow_unusual_masks
+    assert config.data.false_positive_crop_fraction == 0.25 and config.train.false_positive_mining_every == 5
     assert build_config(cohort_files + ["--overwrite"])[0].train.overwrite
 
 
@@ -112,7 +113,8 @@ def test_impossible_settings_are_all_reported_at_once(tmp_path):
                       "--min_component_ml", "-1", "--decoder_loss_weight", "-0.5", "--hard_voxel_fraction", "0",
                       "--hard_negative_crop_fraction", "1.5", "--empty_crop_dice_volume", "-0.1",
                       "--min_component_peak", "1", "--hard_case_fraction", "-0.5", "--scale_augmentation", "1",
-                      "--final_hemorrhage_weight", "0.5"])
+                      "--final_hemorrhage_weight", "0.5", "--false_positive_crop_fraction", "2",
+                      "--false_positive_mining_every", "0"])
     problems = "\n".join(caught.value.problems)
     for expected in ("nope.csv: file not found", "--val_csv is required", "--mask_dir is required",
                      "--batch_size must be >= 1, got 0", "--lr must be > 0", "--hu_window needs low < high",
@@ -124,7 +126,9 @@ def test_impossible_settings_are_all_reported_at_once(tmp_path):
                      "--min_component_peak must be in [0.5, 1) (0.5 keeps every component), got 1.0",
                      "--hard_case_fraction must be in [0, 1], got -0.5",
                      "--scale_augmentation must be in [0, 1), got 1.0",
-                     "--final_hemorrhage_weight must be in [1, 10], got 0.5"):
+                     "--final_hemorrhage_weight must be in [1, 10], got 0.5",
+                     "--false_positive_crop_fraction must be in [0, 1], got 2.0",
+                     "--false_positive_mining_every must be >= 1, got 0"):
         assert expected in problems
     assert len(caught.value.problems) >= 8
 

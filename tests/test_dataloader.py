@@ -889,6 +889,11 @@ def _streak_phantom() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return image, label, streak
 
 
+def _centred_on_streak(crop: D.RandHemorrhageCropd, scan: dict) -> list[bool]:
+    """For 300 crops of ``scan`` (a _streak_phantom): whether each is centred on the streak."""
+    return [crop(scan)["image"][0, 8, 8, 8].item() == 0.5 for _ in range(300)]
+
+
 def test_hyperdense_tissue_clear_of_bone_and_blood_is_indexed_as_hard_negatives():
     image, label, streak = _streak_phantom()
     assert "label_hard_bg_indices" not in D.CropIndicesd()({"image": image, "label": label})   # only when asked
@@ -917,21 +922,18 @@ def test_hard_negative_crops_are_centred_on_hyperdense_tissue_at_the_requested_r
     item = D.CropIndicesd(hard_negatives=True)({"image": image, "label": label})
     assert set(np.flatnonzero(streak)) >= set(item["label_hard_bg_indices"])
 
-    def on_streak(crop: D.RandHemorrhageCropd, scan: dict) -> list[bool]:
-        return [crop(scan)["image"][0, 8, 8, 8].item() == 0.5 for _ in range(300)]
-
     for fraction in (0.0, 0.5, 1.0):
         crop = D.RandHemorrhageCropd(16, 0.0, hard_negative_fraction=fraction)
         crop.set_random_state(seed=0)
         # Head crops land on the streak by chance ~0.3 % of the time; hard-negative crops always do.
-        assert abs(np.mean(on_streak(crop, item)) - fraction) < 0.08, fraction
+        assert abs(np.mean(_centred_on_streak(crop, item)) - fraction) < 0.08, fraction
     # Blood-centred crops are not replaced.
     crop = D.RandHemorrhageCropd(16, 1.0, hard_negative_fraction=1.0)
     crop.set_random_state(seed=0)
     assert all(crop(item)["label"][0, 8, 8, 8] == 1 for _ in range(50))
     # An ICH-negative scan: every crop is a head crop, so hard negatives replace its "positive" draws too.
     negative = D.CropIndicesd(hard_negatives=True)({"image": image, "label": np.zeros_like(label)})
-    assert all(on_streak(crop, negative))
+    assert all(_centred_on_streak(crop, negative))
     # Without hyperdense tissue the crop falls back to the head.
     plain = dict(item, label_hard_bg_indices=np.zeros(0, dtype=np.int32))
     crop = D.RandHemorrhageCropd(16, 0.0, hard_negative_fraction=1.0)
@@ -940,6 +942,55 @@ def test_hard_negative_crops_are_centred_on_hyperdense_tissue_at_the_requested_r
     assert sum(crop(unindexed)["image"][0, 8, 8, 8].item() == 0.5 for _ in range(50)) < 10   # head crops
     with pytest.raises(ValueError, match="hard_negative_fraction must be in"):
         D.RandHemorrhageCropd(16, 0.5, hard_negative_fraction=1.5)
+
+
+def test_mined_false_positives_centre_their_share_of_crops_whatever_the_scan_label():
+    image, label, streak = _streak_phantom()
+    item = D.CropIndicesd()({"image": image, "label": label})
+    mined = {**item, data.transforms.MINED_INDICES_KEY: np.flatnonzero(streak).astype(np.int32)}
+
+    for fraction in (0.0, 0.5, 1.0):
+        # Blood-centred crops otherwise: mining takes its share of those too (the streak may lie in a positive scan).
+        crop = D.RandHemorrhageCropd(16, 1.0, mined_fraction=fraction)
+        crop.set_random_state(seed=0)
+        assert abs(np.mean(_centred_on_streak(crop, mined)) - fraction) < 0.08, fraction
+    # A scan the model reads right (no mined voxels, or none mined yet) is cropped exactly as without mining.
+    for scan in (item, {**item, data.transforms.MINED_INDICES_KEY: np.zeros(0, dtype=np.int32)}):
+        plain, mining = D.RandHemorrhageCropd(16, 0.75), D.RandHemorrhageCropd(16, 0.75, mined_fraction=0.5)
+        plain.set_random_state(seed=3)
+        mining.set_random_state(seed=3)
+        for _ in range(20):
+            assert torch.equal(plain(scan)["image"], mining(scan)["image"])
+    with pytest.raises(ValueError, match="mined_fraction must be in"):
+        D.RandHemorrhageCropd(16, 0.5, mined_fraction=-0.1)
+
+
+def test_mined_voxels_reach_every_worker_with_the_epoch_that_uses_them(cohort_dir):
+    data_config = config(cohort_dir, false_positive_crop_fraction=1.0, augmentation_prob=0.0)
+    cohort = D.validate_cohort(data_config)
+    # The first voxel of each scan: a corner in the air, where no other crop is centred.
+    corners = {index: np.zeros(1, dtype=np.int32) for index in range(len(cohort.train))}
+
+    def air_share(batches) -> float:
+        images = torch.cat([b["image"] for b in batches])
+        return float((images == images.amin(dim=(1, 2, 3, 4), keepdim=True)).float().mean())
+
+    # roi 8: the 16-17 voxel scans leave the crop room to move.
+    unmined_loader, _ = loaders(data_config, cohort, 8, 2, seed=5)
+    D.set_epoch(unmined_loader, 1)
+    unmined = list(unmined_loader)
+    reference, _ = loaders(data_config, cohort, 8, 2, seed=5)
+    D.set_epoch(reference, 1, mined=corners)
+    expected = list(reference)
+    assert air_share(expected) > 1.5 * air_share(unmined)   # measured 0.24 vs 0.13
+    with_workers, _ = loaders(dataclasses.replace(data_config, num_workers=2), cohort, 8, 2, seed=5)
+    assert with_workers.persistent_workers
+    D.set_epoch(with_workers, 0)
+    assert _fingerprint(list(with_workers)) != _fingerprint(expected)   # workers started before any mining
+    D.set_epoch(with_workers, 1, mined=corners)
+    assert _fingerprint(list(with_workers)) == _fingerprint(expected)
+    D.set_epoch(with_workers, 2)   # the mined voxels stay until the next mining pass replaces them
+    assert all(len(key) == 3 for key in with_workers.sampler)
 
 
 @pytest.mark.parametrize("axis", [0, 2])

@@ -96,8 +96,10 @@ def test_two_processes_train_like_one_and_resume(cohort, tmp_path):
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
 
     # 2 ranks × batch 1: epoch 1, then a second launch resumes for epoch 2 (all ranks load latest_model.pth).
-    # Hard-case sampling is on: epoch 2's draws depend on every rank's epoch-1 losses, pooled.
-    hard_cases = ("--hard_case_fraction", "0.5")
+    # Hard-case sampling is on: epoch 2's draws depend on every rank's epoch-1 losses, pooled. So is false-positive
+    # mining: epoch 2 starts with each rank mining half the scans, and both ranks crop from the pooled result.
+    hard_cases = ("--hard_case_fraction", "0.5", "--false_positive_crop_fraction", "0.5",
+                  "--false_positive_mining_every", "1")
     first = torchrun(run_args(cohort, ddp_dir, 1, "--epochs", "1", *hard_cases))
     assert first.returncode == 0, first.stdout[-4000:]
     resumed = torchrun(run_args(cohort, ddp_dir, 1, "--epochs", "2", "--resume", "auto", *hard_cases))
@@ -119,6 +121,8 @@ def test_two_processes_train_like_one_and_resume(cohort, tmp_path):
     # Each rank folded in the other's losses: the same running loss per scan as one process over the whole batch.
     assert ddp["hard_cases"]["running"].keys() == one["hard_cases"]["running"].keys()
     assert ddp["hard_cases"]["running"] == pytest.approx(one["hard_cases"]["running"], rel=1e-3)
+    assert ddp["false_positive_mining"]["mined_at"] == one["false_positive_mining"]["mined_at"] == 1
+    assert ddp["false_positive_mining"]["indices"].keys() == one["false_positive_mining"]["indices"].keys()
     state = ddp["model_state_dict"]
     assert not [key for key in state if key.startswith("module.")]  # saved unwrapped, loadable without DDP
     assert state.keys() == one["model_state_dict"].keys()

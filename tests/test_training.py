@@ -14,13 +14,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+import mining
 import tracking
 import train
 from config import build_config
 from data.loaders import EpochSampler
+from inference import sliding_window_logits
 from model import build_model
 from trainer import LATEST_NAME, NonFiniteLossError, Trainer
 
@@ -208,7 +211,16 @@ def test_killed_run_resumes_to_the_same_result(small_cohort, tmp_path, monkeypat
     # CPU recipe's sampling, augmentation and loss options are on, so their random draws are covered too.
     schedule = ("--scheduler_type", "step", "--step_size", "1", "--in_plane_rotation_deg", "180",
                 "--hard_negative_crop_fraction", "0.5", "--empty_crop_dice_volume", "0.01",
-                "--augmentation_prob", "0.5", "--hard_case_fraction", "0.5", "--lesion_paste_prob", "0.5")
+                "--augmentation_prob", "0.5", "--hard_case_fraction", "0.5", "--lesion_paste_prob", "0.5",
+                "--false_positive_crop_fraction", "0.5", "--false_positive_mining_every", "1")
+    # A model this young calls nothing blood, so mining would find nothing: here it mines the 50 voxels it is
+    # surest of outside the label, a function of the weights alone, as the real mining is.
+    def surest_voxels(model, image, label, roi_size, amp_dtype, *args, **kwargs):
+        logits = sliding_window_logits(model, image, roi_size, amp_dtype)[0, 0]
+        logits[label[0, 0] > 0] = -torch.inf
+        return np.sort(torch.topk(logits.flatten(), 50).indices.numpy()).astype(np.int32)
+
+    monkeypatch.setattr(mining, "false_positive_voxels", surest_voxels)
     straight = tmp_path / "straight"
     assert train.main(cli_args(small_cohort, straight, "--epochs", "3", *schedule)) == 0
 
@@ -235,6 +247,13 @@ def test_killed_run_resumes_to_the_same_result(small_cohort, tmp_path, monkeypat
     # Hard-case sampling: the losses of the epochs' scans (and the draws they weighted) survive both stops.
     assert resumed["hard_cases"]["running"] == pytest.approx(expected["hard_cases"]["running"], rel=1e-6)
     assert len(expected["hard_cases"]["running"]) >= 2 and expected["hard_cases"]["pending"] == []
+    # False-positive mining: the interrupted epoch 2 kept the voxels mined at its start (not mined again with the
+    # weights of mid-epoch), and epoch 3 mined from the same model.
+    mined, mined_straight = resumed["false_positive_mining"], expected["false_positive_mining"]
+    assert mined["mined_at"] == mined_straight["mined_at"] == 2
+    assert mined["indices"].keys() == mined_straight["indices"].keys()
+    assert all(torch.equal(mined["indices"][k], v) for k, v in mined_straight["indices"].items())
+    assert len(mined_straight["indices"]) == 6
     for key, value in expected["model_state_dict"].items():
         assert torch.equal(resumed["model_state_dict"][key], value), f"{key} differs after resume"
     assert [h["train_loss"] for h in resumed["history"]] == pytest.approx(
