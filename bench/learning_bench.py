@@ -75,7 +75,8 @@ logger = logging.getLogger("ichseg.learning_bench")
 # half or none of the crops, 1,300 steps, a whole-crop refiner context, ...): none cures them on every cohort
 # (results/learning_bench.md, "Why the streaks stay"). Seventh session: no change. Crop-level false-positive mining
 # (--false_positive_crop_fraction, mining.py), alone, every 10 epochs and with a whole-crop refiner context, left
-# the streaks where they were (results/learning_bench.md, "Crop-level false-positive mining").
+# the streaks where they were; 3,000 steps (over the budget) shrank or cleared them on four failing runs
+# (results/learning_bench.md, "Crop-level false-positive mining").
 RECIPE = ["--model", "tiny", "--device", "cpu", "--epochs", "100", "--max_steps_per_epoch", "10", "--lr", "2e-3",
           "--scratch_lr", "4e-3", "--gradient_accumulation_steps", "1", "--scheduler_type", "cosine",
           "--warmup_epochs", "1", "--click_rounds", "1", "--target_spacing", "1.5", "1.5", "1.5",
