@@ -99,13 +99,19 @@ class CohortSpec:
 ALL_KINDS = ("ellipsoid", "lobulated", "subdural", "intraventricular", "irregular")
 
 
-def _held_out(description: str, shape: tuple[int, int, int], spacing: tuple[float, float, float], seed: int,
-              max_ml: float, **appearance: Any) -> CohortSpec:
+def _held_out(shape: tuple[int, int, int], spacing: tuple[float, float, float], seed: int, max_ml: float,
+              **appearance: Any) -> CohortSpec:
     """The held-out cohorts' shared design: 24 + 12 scans, bleeds from 3 mL, all five kinds (intraventricular half
-    as often), separate foci; ``appearance`` sets the rest (contrast, noise, streaks, foci)."""
+    as often), separate foci; ``appearance`` sets the rest (contrast, noise, streaks, foci). The description is
+    written from these values, so it cannot disagree with them."""
+    look = Appearance(lesion_kinds=ALL_KINDS, kind_weights=(2, 2, 2, 1, 2), separate_foci=True, **appearance)
+    foci = f"{'up to ' if look.max_foci > 2 else ''}{look.max_foci} foci in {100 * look.multifocal_fraction:g} %"
+    description = (f"held out: {'×'.join(map(str, shape))} at {'×'.join(f'{s:g}' for s in spacing)} mm, "
+                   f"3–{max_ml:g} mL, all five kinds, {foci}, blood {look.blood_hu[0]:g}–{look.blood_hu[1]:g} HU, "
+                   f"noise {look.noise_hu[0]:g}–{look.noise_hu[1]:g} HU, streaks in {100 * look.streak_fraction:g} "
+                   "%; 24 + 12 scans")
     return CohortSpec(description, shape, spacing, seed=seed, min_ml=3, max_ml=max_ml, n_train=24, n_val=12,
-                      appearance=Appearance(lesion_kinds=ALL_KINDS, kind_weights=(2, 2, 2, 1, 2), separate_foci=True,
-                                            **appearance))
+                      appearance=look)
 
 
 COHORTS: dict[str, CohortSpec] = {
@@ -130,34 +136,24 @@ COHORTS: dict[str, CohortSpec] = {
                                              multifocal_fraction=0.3, separate_foci=True, noise_hu=(6, 12))),
     # Made after every recipe choice of the four above and used to choose nothing until --lesion_paste_prob, whose
     # value was explored on its seed 0 (so it is no longer unseen: see "unseen" below).
-    "holdout": _held_out("held out: 256×256×36 at 0.9×0.9×4 mm, 3–30 mL, all five kinds, 2 foci in 30 %, blood "
-                         "58–88 HU, noise 5–9 HU, streaks in 20 %; 24 + 12 scans",
-                         (256, 256, 36), (0.9, 0.9, 4.0), seed=41, max_ml=30, multifocal_fraction=0.3,
+    "holdout": _held_out((256, 256, 36), (0.9, 0.9, 4.0), seed=41, max_ml=30, multifocal_fraction=0.3,
                          blood_hu=(58, 88), noise_hu=(5, 9), streak_fraction=0.2),
     # Made on 2026-11-29 before --lesion_paste_prob was chosen, and first run after the choice, once with each
     # recipe: the held-out check of that choice (a grid, slice thickness and mix of its own).
-    "unseen": _held_out("held out: 384×384×32 at 0.6×0.6×4.5 mm, 3–25 mL, all five kinds, 2 foci in 30 %, blood "
-                        "60–85 HU, noise 4–8 HU, streaks in 25 %; 24 + 12 scans",
-                        (384, 384, 32), (0.6, 0.6, 4.5), seed=51, max_ml=25, multifocal_fraction=0.3,
+    "unseen": _held_out((384, 384, 32), (0.6, 0.6, 4.5), seed=51, max_ml=25, multifocal_fraction=0.3,
                         blood_hu=(60, 85), noise_hu=(4, 8), streak_fraction=0.25),
     # Made on 2026-11-29 (fourth session) before any run on it, when the next recipe change was explored on the
     # cohorts above; first run after that choice, once with each recipe compared.
-    "fresh": _held_out("held out: 320×320×26 at 0.7×0.7×6 mm, 3–20 mL, all five kinds, 2 foci in 25 %, blood "
-                       "58–85 HU, noise 5–9 HU, streaks in 30 %; 24 + 12 scans",
-                       (320, 320, 26), (0.7, 0.7, 6.0), seed=61, max_ml=20, multifocal_fraction=0.25,
+    "fresh": _held_out((320, 320, 26), (0.7, 0.7, 6.0), seed=61, max_ml=20, multifocal_fraction=0.25,
                        blood_hu=(58, 85), noise_hu=(5, 9), streak_fraction=0.3),
     # Made on 2026-11-29 (fifth session) before any run on it, while a longer schedule was explored on ctich,
     # holdout and fresh; first run after that choice, once with each recipe compared.
-    "eighth": _held_out("held out: 288×288×30 at 0.8×0.8×5 mm, 3–35 mL, all five kinds, up to 3 foci in 35 %, blood "
-                        "56–86 HU, noise 4–9 HU, streaks in 35 %; 24 + 12 scans",
-                        (288, 288, 30), (0.8, 0.8, 5.0), seed=71, max_ml=35, max_foci=3, multifocal_fraction=0.35,
+    "eighth": _held_out((288, 288, 30), (0.8, 0.8, 5.0), seed=71, max_ml=35, max_foci=3, multifocal_fraction=0.35,
                         blood_hu=(56, 86), noise_hu=(4, 9), streak_fraction=0.35),
     # Made on 2026-11-29 (sixth session) before any run on it, while the streak false positives were screened on
     # the cohorts above; run once with the recipe in force after those screens, and to be run once with the next
     # recipe candidate: the held-out check of the next choice.
-    "ninth": _held_out("held out: 224×224×48 at 1.0×1.0×3 mm, 3–30 mL, all five kinds, up to 2 foci in 30 %, blood "
-                       "57–87 HU, noise 5–10 HU, streaks in 30 %; 24 + 12 scans",
-                       (224, 224, 48), (1.0, 1.0, 3.0), seed=81, max_ml=30, multifocal_fraction=0.3,
+    "ninth": _held_out((224, 224, 48), (1.0, 1.0, 3.0), seed=81, max_ml=30, multifocal_fraction=0.3,
                        blood_hu=(57, 87), noise_hu=(5, 10), streak_fraction=0.3),
 }
 

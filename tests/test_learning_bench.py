@@ -80,3 +80,14 @@ def test_the_readme_documents_the_recipe_the_bench_runs():
         return options
 
     assert as_options(documented) == as_options(LB.RECIPE)
+
+
+def test_held_out_descriptions_are_written_from_the_cohort_parameters():
+    eighth = LB.COHORTS["eighth"]
+    assert eighth.description == ("held out: 288×288×30 at 0.8×0.8×5 mm, 3–35 mL, all five kinds, up to 3 foci in "
+                                  "35 %, blood 56–86 HU, noise 4–9 HU, streaks in 35 %; 24 + 12 scans")
+    for name in ("holdout", "unseen", "fresh", "eighth", "ninth"):
+        spec = LB.COHORTS[name]
+        assert f"{'×'.join(map(str, spec.shape))} at" in spec.description
+        assert f"streaks in {100 * spec.appearance.streak_fraction:g} %" in spec.description
+        assert (spec.n_train, spec.n_val, spec.min_ml) == (24, 12, 3)
