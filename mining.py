@@ -30,6 +30,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from data.transforms import thin_indices
 from distributed import RankGroup
 from inference import drop_components, sliding_window_logits
 
@@ -54,10 +55,7 @@ def false_positive_voxels(model: nn.Module, image: torch.Tensor, label: torch.Te
     blood = label[0, 0].cpu().numpy() > 0
     if blood.any():
         blood = ndimage.binary_dilation(blood, iterations=LABEL_MARGIN_VOXELS)
-    indices = np.flatnonzero(predicted & ~blood)
-    if indices.size > max_voxels:
-        indices = indices[::-(-indices.size // max_voxels)]
-    return np.ascontiguousarray(indices, dtype=np.int32)
+    return thin_indices(np.flatnonzero(predicted & ~blood), max_voxels)
 
 
 class FalsePositiveMining:

@@ -174,6 +174,14 @@ class LoadPreprocessd(Transform):
         atomic_write_bytes(entry, buffer.getvalue())
 
 
+def thin_indices(indices: np.ndarray, limit: int) -> np.ndarray:
+    """``indices`` as contiguous int32, thinned to every k-th (raster order) when there are more than ``limit``, so
+    what is kept still spans the whole region."""
+    if indices.size > limit:
+        indices = indices[::math.ceil(indices.size / limit)]
+    return np.ascontiguousarray(indices, dtype=np.int32)
+
+
 class CropIndicesd(MapTransform):
     """Deterministic, so it runs once per scan in the RAM-cached stage: adds the flat voxel indices (int32) the crop
     draws its centres from, computed with MONAI ``FgBgToIndices``.
@@ -229,9 +237,7 @@ class CropIndicesd(MapTransform):
         return np.flatnonzero(hard)
 
     def _thin(self, indices: np.ndarray) -> np.ndarray:
-        if indices.size > self.max_head_indices:
-            indices = indices[::math.ceil(indices.size / self.max_head_indices)]
-        return np.ascontiguousarray(indices, dtype=np.int32)
+        return thin_indices(indices, self.max_head_indices)
 
 
 class RandHemorrhageCropd(RandCropByPosNegLabeld):

@@ -10,7 +10,7 @@ from torch import nn
 import tracking
 from config import build_config
 from distributed import RankGroup
-from mining import LABEL_MARGIN_VOXELS, FalsePositiveMining, false_positive_voxels
+from mining import FalsePositiveMining, false_positive_voxels
 from model import build_model
 from trainer import Trainer
 
@@ -43,7 +43,6 @@ def test_false_positives_are_the_predicted_voxels_away_from_the_label():
     mined = false_positive_voxels(Thresholder(), image, label, 16, None, (1.5, 1.5, 1.5))
     assert mined.dtype == np.int32 and np.all(np.diff(mined) > 0)
     assert set(mined.tolist()) == set(np.flatnonzero(streak).tolist())   # not the bleed's own rim
-    assert LABEL_MARGIN_VOXELS >= 1
     # At most max_voxels, spread over the whole look-alike rather than its first rows.
     thinned = false_positive_voxels(Thresholder(), image, label, 16, None, (1.5, 1.5, 1.5), max_voxels=10)
     assert 5 <= thinned.size <= 10 and set(thinned.tolist()) <= set(mined.tolist())
