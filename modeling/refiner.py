@@ -24,6 +24,9 @@ from torch import nn
 
 # Image and probability.
 REFINER_INPUTS = 2
+# PyTorch (aten/native/Convolution.cpp, use_mkldnn) sends a CPU convolution with batch × channels × depth × height
+# at or below this, a 3×3×3 kernel and batch 1 to its slow reference kernel.
+ONEDNN_MIN_WORK = 20480
 
 
 class MaskRefiner3D(nn.Module):
@@ -62,6 +65,12 @@ class MaskRefiner3D(nn.Module):
         b, c, d, h, w = x.shape
         folded = x.reshape(b, c, d // 2, 2, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 7, 2, 4, 6)
         folded = folded.reshape(b, c * 8, d // 2, h // 2, w // 2)
+        if folded.device.type == "cpu" and b == 1 and min(c * 8, self.channels) * d * h // 4 <= ONEDNN_MIN_WORK:
+            # PyTorch runs a one-volume 3D convolution this small with its slow reference kernel instead of
+            # oneDNN's: 27 ms per layer at 16 channels on 32³ (the tiny build) against 3 ms for a batch of two
+            # (2 cores). Validation's and predict.py's clicks decode one window at a time, so the volume goes
+            # through as a batch of two copies and the second answer is dropped.
+            return coarse + self.unfold(self.body(folded.expand(2, -1, -1, -1, -1)))[:1]
         if folded.device.type == "cpu" and torch.is_grad_enabled():
             # Training on a CPU: oneDNN's 3D convolution backward is ~1.7x faster on channels-last volumes (2 cores,
             # 16 channels at 32³: 60 -> 35 ms per layer with its forward), while a forward alone is slower that way

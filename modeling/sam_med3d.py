@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from modeling.common import upsample_trilinear
 from modeling.image_encoder import ImageEncoderViT3D
 from modeling.mask_decoder import MaskDecoder3D
 from modeling.prompt_encoder import PromptEncoder3D
@@ -121,8 +121,7 @@ class SamMed3D(nn.Module):
             out["multimask_iou_predictions"] = multi_iou
         else:
             low_res, iou = low_res_all[:, :1], iou_all[:, :1]
-        size = (self.img_size,) * 3
-        coarse = F.interpolate(low_res, size=size, mode="trilinear", align_corners=False)
+        coarse = upsample_trilinear(low_res, self.img_size)
         out["masks"] = self.refiner(image, coarse) if self.refiner is not None else coarse
         out["coarse_masks"] = coarse
         out["low_res_masks"] = low_res

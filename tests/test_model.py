@@ -19,6 +19,7 @@ from model import (TURBO_CHECKPOINT_URL, CheckpointError, CheckpointMismatchErro
                    CheckpointUnavailableError, build_model, build_sam_med3d_turbo, build_tiny, export_encoder,
                    load_pretrained, load_representation_head, load_sam_encoder, load_trained, resolve_checkpoint,
                    trainable_parameters)
+from modeling.common import upsample_trilinear
 from modeling.image_encoder import EncoderBlock, ImageEncoderViT3D
 from modeling.refiner import MaskRefiner3D
 from modeling.representation_head import RepresentationHead
@@ -472,6 +473,42 @@ def test_refiner_answers_the_same_in_training_and_inference_layouts():
     trained.square().mean().backward()
     assert coarse.grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in refiner.parameters())
+
+
+def test_refiner_gives_one_volume_the_answer_it_gets_in_a_batch():
+    # A single volume goes through as a batch of two copies on the CPU (PyTorch's slow kernel for one small
+    # volume): the answer and the gradients must be those of the volume alone.
+    torch.manual_seed(7)
+    refiner = MaskRefiner3D()
+    nn.init.normal_(refiner.unfold.weight, std=0.1)
+    image, coarse = torch.randn(2, 1, 16, 16, 16), torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        pair = refiner(image, coarse)
+        single = refiner(image[1:], coarse[1:])
+    assert single.shape == (1, 1, 16, 16, 16)
+    assert torch.allclose(single, pair[1:], atol=1e-5) and not torch.allclose(single, pair[:1])
+    alone = coarse[:1].clone().requires_grad_()
+    refiner(image[:1], alone).square().mean().backward()
+    batched = coarse.clone().requires_grad_()
+    refiner.zero_grad()
+    refiner(image, batched)[:1].square().mean().backward()
+    assert torch.allclose(alone.grad, batched.grad[:1], atol=1e-6) and alone.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("low, size", [(32, 64), (8, 32), (6, 18), (12, 20)])
+def test_mask_upsampling_is_trilinear_interpolation(low, size):
+    # The CPU's sliced upsampling (whole factors 2, 4, 3) and the fallback (20 / 12) against F.interpolate:
+    # same values and same gradients.
+    torch.manual_seed(low)
+    logits = torch.randn(2, 1, low, low, low, dtype=torch.float64, requires_grad=True)
+    reference = F.interpolate(logits, size=(size,) * 3, mode="trilinear", align_corners=False)
+    upsampled = upsample_trilinear(logits, size)
+    assert upsampled.shape == (2, 1, size, size, size)
+    assert torch.allclose(upsampled, reference, atol=1e-12)
+    weights = torch.randn_like(reference)
+    expected, = torch.autograd.grad((reference * weights).sum(), logits)
+    got, = torch.autograd.grad((upsampled * weights).sum(), logits)
+    assert torch.allclose(got, expected, atol=1e-10)
 
 
 def test_refiner_can_be_switched_off():

@@ -4,6 +4,8 @@ The end-to-end learning check of the CLI lives in test_end_to_end.py; here each 
 """
 from __future__ import annotations
 
+import copy
+
 import errno
 import json
 import os
@@ -122,6 +124,28 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, float64_default
     for name, grad in big_grads[0].items():
         torch.testing.assert_close(accumulated_grads[0][name], grad, rtol=1e-4, atol=1e-7, msg=name)
     assert sum(g.abs().sum() for g in big_grads[0].values()) > 0
+
+
+def test_optimizer_is_fused_adamw_with_the_per_tensor_update(tmp_path):
+    trainer = make_trainer(tmp_path, fixed_batches(2, 1))
+    assert isinstance(trainer.optimizer, torch.optim.AdamW) and trainer.optimizer.defaults["fused"] is True
+    model = trainer.model
+    before = copy.deepcopy(model)
+    shadow = copy.deepcopy(model)
+    shadow_of = {id(p): q for p, q in zip(model.parameters(), shadow.parameters())}
+    # The same groups and settings, updated tensor by tensor.
+    reference = torch.optim.AdamW([{**group, "params": [shadow_of[id(p)] for p in group["params"]], "fused": None,
+                                    "foreach": False} for group in trainer.optimizer.param_groups])
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=generator)
+            shadow_of[id(p)].grad = p.grad.clone()
+        trainer.optimizer.step()
+        reference.step()
+    for (name, p), q, old in zip(model.named_parameters(), shadow.parameters(), before.parameters()):
+        assert not torch.equal(p, old), name
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_short_last_group_steps(tmp_path):
