@@ -129,6 +129,10 @@ class DataConfig:
         "Probability that a training crop gets one of the training set's own bleeds (image and label) pasted at a "
         "random head-tissue position, mirrored or turned, cut by bone (0: off): blood is learned by its density "
         "rather than by the few places a small cohort shows it.", default=0.0, metavar="PROB")
+    lesion_paste_into_negatives: bool = _flag(
+        "With --lesion_paste_prob: crops of ICH-negative scans get pasted bleeds too (off: "
+        "--no-lesion_paste_into_negatives keeps them blood-free, so the negatives, streaks and all, still show what "
+        "no blood looks like, and the ICH head sees crops without it).", default=True)
     num_workers: int | None = _flag("DataLoader worker processes (default: chosen from CPU count and free RAM).",
                                     default=None)
     allow_patient_overlap: bool = _flag(

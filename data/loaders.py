@@ -244,6 +244,7 @@ def build_dataloaders(data_config: DataConfig, preprocessing: Preprocessing, coh
                                   in_plane_rotation_deg=data_config.in_plane_rotation_deg,
                                   scale_augmentation=data_config.scale_augmentation,
                                   lesion_paste_prob=data_config.lesion_paste_prob,
+                                  lesion_paste_into_negatives=data_config.lesion_paste_into_negatives,
                                   mined_crop_fraction=data_config.false_positive_crop_fraction)
     train_items = [_case_item(c, preprocessing) for c in cohort.train]
     val_items = [_case_item(c, preprocessing) for c in cohort.val]

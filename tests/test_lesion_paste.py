@@ -92,6 +92,18 @@ def test_paste_is_seeded_and_off_means_untouched():
     assert empty(crop_of())["label"].sum() == 0
 
 
+def test_paste_can_leave_the_crops_of_negative_scans_alone():
+    bank = P.LesionBank()
+    bank.add_items([scan_with_bleeds()])
+    only_positives = P.RandLesionPasted(bank, prob=1.0, into_negatives=False)
+    only_positives.set_random_state(7)
+    negative = crop_of()
+    out = only_positives(negative)
+    assert torch.equal(out["image"], negative["image"]) and out["label"].sum() == 0 and out["ich"] == 0.0
+    positive = {**crop_of(), "ich": 1.0}
+    assert only_positives(positive)["label"].sum() > 0
+
+
 def test_paste_works_on_numpy_crops():
     bank = P.LesionBank()
     bank.add_items([scan_with_bleeds()])
@@ -175,3 +187,18 @@ def test_the_turn_is_about_the_slice_axis_read_from_the_given_key():
     # it swaps 1 and 2, so a turned bleed lies across: some seeds must differ.
     assert any(not torch.equal(pasted(0, "axis_here", s), pasted(2, "axis_here", s)) for s in range(10))
     assert all(torch.equal(pasted(0, "axis_here", s), pasted(0, "slice_axis", s)) for s in range(10))
+
+
+def test_without_negatives_the_loader_pastes_into_positive_scans_only(tmp_path):
+    write_csv(tmp_path / "train.csv", [(add_scan(tmp_path, number, blood), int(blood), f"P{number}")
+                                       for number, blood in (("001", True), ("002", False), ("003", True),
+                                                             ("004", False))])
+    write_csv(tmp_path / "val.csv", [(add_scan(tmp_path, "005", True), 1, "P5")])
+    plain = config(tmp_path, positive_crop_fraction=0.0, augmentation_prob=0.0)
+    cohort = D.validate_cohort(plain)
+    without = label_sums(plain, cohort)
+    pasted = label_sums(config(tmp_path, lesion_paste_prob=1.0, lesion_paste_into_negatives=False,
+                               positive_crop_fraction=0.0, augmentation_prob=0.0), cohort)
+    assert pasted.keys() == without.keys()
+    assert all(pasted[key] == without[key] == 0 for key in without if key[1] in ("002", "004"))
+    assert sum(pasted[key] > without[key] for key in without if key[1] in ("001", "003")) >= 4
