@@ -63,8 +63,9 @@ def upsample_trilinear(volume: torch.Tensor, size: int) -> torch.Tensor:
     """``F.interpolate(volume, size=(size,) * 3, mode="trilinear", align_corners=False)`` for B×C×n×n×n logits.
 
     On a CPU, when ``size`` is a whole multiple of n, the same values are computed axis by axis from shifted
-    slices: PyTorch's trilinear backward on the CPU took 4.7 ms for the tiny build's 32³ -> 64³ masks (batch 2,
-    2 cores) and 44 ms for turbo's 32³ -> 128³, against 1.5 and 10 ms this way, and every training decode pays it.
+    slices: with PyTorch's trilinear kernel, forward + backward took 5.9 ms for the tiny build's 32³ -> 64³ masks
+    (batch 2, 2 cores) and 48 ms for turbo's 32³ -> 128³, against 2.0 and 9.7 ms this way (bench/op_bench.py), and
+    every training decode pays it.
     Elsewhere (GPUs, not measured there) and for other sizes, ``F.interpolate`` itself.
     """
     n = volume.shape[-1]

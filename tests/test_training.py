@@ -5,7 +5,6 @@ The end-to-end learning check of the CLI lives in test_end_to_end.py; here each 
 from __future__ import annotations
 
 import copy
-
 import errno
 import json
 import os
