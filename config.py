@@ -129,10 +129,11 @@ class DataConfig:
         "Probability that a training crop gets one of the training set's own bleeds (image and label) pasted at a "
         "random head-tissue position, mirrored or turned, cut by bone (0: off): blood is learned by its density "
         "rather than by the few places a small cohort shows it.", default=0.0, metavar="PROB")
-    lesion_paste_into_negatives: bool = _flag(
-        "With --lesion_paste_prob: crops of ICH-negative scans get pasted bleeds too (off: "
-        "--no-lesion_paste_into_negatives keeps them blood-free, so the negatives, streaks and all, still show what "
-        "no blood looks like, and the ICH head sees crops without it).", default=True)
+    lesion_paste_into_negatives: float = _flag(
+        "With --lesion_paste_prob: the fraction of the ICH-negative scans' crops drawn for a paste that get it (1: "
+        "all, as for positives; 0: none). A negative crop left blood-free still shows what no blood looks like, "
+        "streaks and all, and with --empty_crop_dice_volume its false positives are charged.", default=1.0,
+        metavar="FRACTION")
     num_workers: int | None = _flag("DataLoader worker processes (default: chosen from CPU count and free RAM).",
                                     default=None)
     allow_patient_overlap: bool = _flag(
@@ -357,7 +358,8 @@ class Config:
                             ("hard_case_fraction", d.hard_case_fraction),
                             ("false_positive_crop_fraction", d.false_positive_crop_fraction),
                             ("augmentation_prob", d.augmentation_prob),
-                            ("lesion_paste_prob", d.lesion_paste_prob)):
+                            ("lesion_paste_prob", d.lesion_paste_prob),
+                            ("lesion_paste_into_negatives", d.lesion_paste_into_negatives)):
             if not 0.0 <= value <= 1.0:
                 problems.append(f"--{name} must be in [0, 1], got {value}")
         if not 0 <= d.in_plane_rotation_deg <= 180:

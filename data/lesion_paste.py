@@ -100,25 +100,29 @@ class RandLesionPasted(RandomizableTransform, MapTransform):
     on any device): mirrored per axis and, about the slice axis, turned by 90° at random (the training grid is
     isotropic, so both are exact); centred on a random head-tissue voxel; painted only where the crop is head tissue
     (``TISSUE_BELOW_MEDIAN``..``TISSUE_ABOVE_MEDIAN``), as the scan's tissue median plus the bleed's own contrast,
-    blended at its edge. The label becomes 1 where the painted bleed is; ``ich`` becomes 1. With
-    ``into_negatives=False`` a crop whose scan is ICH-negative (``ich`` 0) is left as it is."""
+    blended at its edge. The label becomes 1 where the painted bleed is; ``ich`` becomes 1. A crop whose scan is
+    ICH-negative (``ich`` 0) keeps a drawn paste only with probability ``into_negatives`` (1: always; 0: never)."""
 
     def __init__(self, bank: LesionBank, prob: float, intensity_unit: float = 1.0,
                  image_key: str = "image", label_key: str = "label", slice_axis_key: str = "slice_axis",
-                 into_negatives: bool = True):
+                 into_negatives: float = 1.0):
         MapTransform.__init__(self, [image_key, label_key])
         RandomizableTransform.__init__(self, prob)
         self.bank, self.intensity_unit = bank, intensity_unit
         self.image_key, self.label_key, self.slice_axis_key = image_key, label_key, slice_axis_key
-        self.into_negatives = into_negatives
+        if not 0.0 <= into_negatives <= 1.0:
+            raise ValueError(f"into_negatives must be in [0, 1], got {into_negatives}")
+        self.into_negatives = float(into_negatives)
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
         d = dict(data)
         self.randomize(None)
         if not self._do_transform or not len(self.bank):
             return d
-        if not self.into_negatives and float(d.get("ich", 1.0)) < 0.5:
-            return d
+        if float(d.get("ich", 1.0)) < 0.5 and self.into_negatives < 1.0:
+            # No draw at 0 or 1, so the random stream of those settings does not depend on the scans' labels.
+            if self.into_negatives == 0.0 or self.R.rand() >= self.into_negatives:
+                return d
         lesion = self.bank.lesions[int(self.R.randint(len(self.bank)))]
         flips = [bool(self.R.rand() < 0.5) for _ in range(3)]
         slice_axis = int(d.get(self.slice_axis_key, 2))

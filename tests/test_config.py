@@ -99,6 +99,15 @@ def test_saved_config_is_verbatim(cohort_files, tmp_path):
     assert Config.from_dict(saved) == config
 
 
+def test_a_saved_on_or_off_paste_into_negatives_reads_as_its_fraction():
+    # Runs of the release that had --[no-]lesion_paste_into_negatives saved a bool; resuming them keeps its meaning.
+    for saved, fraction in ((False, 0.0), (True, 1.0)):
+        raw = Config().to_dict()
+        raw["data"]["lesion_paste_into_negatives"] = saved
+        value = Config.from_dict(json.loads(json.dumps(raw))).data.lesion_paste_into_negatives
+        assert value == fraction and type(value) is float
+
+
 def test_unknown_saved_key_is_an_error():
     raw = Config().to_dict()
     raw["train"]["bogus"] = 1
@@ -114,7 +123,7 @@ def test_impossible_settings_are_all_reported_at_once(tmp_path):
                       "--hard_negative_crop_fraction", "1.5", "--empty_crop_dice_volume", "-0.1",
                       "--min_component_peak", "1", "--hard_case_fraction", "-0.5", "--scale_augmentation", "1",
                       "--final_hemorrhage_weight", "0.5", "--false_positive_crop_fraction", "2",
-                      "--false_positive_mining_every", "0"])
+                      "--false_positive_mining_every", "0", "--lesion_paste_into_negatives", "-1"])
     problems = "\n".join(caught.value.problems)
     for expected in ("nope.csv: file not found", "--val_csv is required", "--mask_dir is required",
                      "--batch_size must be >= 1, got 0", "--lr must be > 0", "--hu_window needs low < high",
@@ -128,6 +137,7 @@ def test_impossible_settings_are_all_reported_at_once(tmp_path):
                      "--scale_augmentation must be in [0, 1), got 1.0",
                      "--final_hemorrhage_weight must be in [1, 10], got 0.5",
                      "--false_positive_crop_fraction must be in [0, 1], got 2.0",
+                     "--lesion_paste_into_negatives must be in [0, 1], got -1.0",
                      "--false_positive_mining_every must be >= 1, got 0"):
         assert expected in problems
     assert len(caught.value.problems) >= 8

@@ -95,13 +95,25 @@ def test_paste_is_seeded_and_off_means_untouched():
 def test_paste_can_leave_the_crops_of_negative_scans_alone():
     bank = P.LesionBank()
     bank.add_items([scan_with_bleeds()])
-    only_positives = P.RandLesionPasted(bank, prob=1.0, into_negatives=False)
+    only_positives = P.RandLesionPasted(bank, prob=1.0, into_negatives=0.0)
     only_positives.set_random_state(7)
     negative = crop_of()
     out = only_positives(negative)
     assert torch.equal(out["image"], negative["image"]) and out["label"].sum() == 0 and out["ich"] == 0.0
     positive = {**crop_of(), "ich": 1.0}
     assert only_positives(positive)["label"].sum() > 0
+
+
+def test_a_fraction_of_the_negative_crops_gets_a_paste_and_every_positive_one():
+    bank = P.LesionBank()
+    bank.add_items([scan_with_bleeds()])
+    half = P.RandLesionPasted(bank, prob=1.0, into_negatives=0.5)
+    half.set_random_state(3)
+    negatives = [half(crop_of())["label"].sum() > 0 for _ in range(200)]
+    assert 70 <= sum(negatives) <= 130
+    assert all(half({**crop_of(), "ich": 1.0})["label"].sum() > 0 for _ in range(20))
+    with pytest.raises(ValueError, match="into_negatives must be in \\[0, 1\\], got 1.5"):
+        P.RandLesionPasted(bank, prob=1.0, into_negatives=1.5)
 
 
 def test_paste_works_on_numpy_crops():
@@ -197,7 +209,7 @@ def test_without_negatives_the_loader_pastes_into_positive_scans_only(tmp_path):
     plain = config(tmp_path, positive_crop_fraction=0.0, augmentation_prob=0.0)
     cohort = D.validate_cohort(plain)
     without = label_sums(plain, cohort)
-    pasted = label_sums(config(tmp_path, lesion_paste_prob=1.0, lesion_paste_into_negatives=False,
+    pasted = label_sums(config(tmp_path, lesion_paste_prob=1.0, lesion_paste_into_negatives=0.0,
                                positive_crop_fraction=0.0, augmentation_prob=0.0), cohort)
     assert pasted.keys() == without.keys()
     assert all(pasted[key] == without[key] == 0 for key in without if key[1] in ("002", "004"))
