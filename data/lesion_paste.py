@@ -120,7 +120,7 @@ class RandLesionPasted(RandomizableTransform, MapTransform):
         if not self._do_transform or not len(self.bank):
             return d
         if float(d.get("ich", 1.0)) < 0.5 and self.into_negatives < 1.0:
-            # No draw at 0 or 1, so the random stream of those settings does not depend on the scans' labels.
+            # No extra draw at 0 (or 1): those settings repeat the earlier on/off option's random stream exactly.
             if self.into_negatives == 0.0 or self.R.rand() >= self.into_negatives:
                 return d
         lesion = self.bank.lesions[int(self.R.randint(len(self.bank)))]

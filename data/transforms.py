@@ -362,8 +362,8 @@ def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike,
     label nearest), intensity scale ±10 %, shift ±0.1 and Gaussian noise σ 0.05 head-tissue standard deviations
     (``Preprocessing.intensity_unit``). With ``lesion_paste_prob`` > 0, that fraction of crops first gets one of
     the training set's bleeds pasted at a random head-tissue position (data.lesion_paste; the bank in
-    ``Transforms.lesion_bank`` is filled by the loader from the cached training scans), in a crop of an
-    ICH-negative scan only with probability ``lesion_paste_into_negatives`` more.
+    ``Transforms.lesion_bank`` is filled by the loader from the cached training scans); a crop of an
+    ICH-negative scan keeps its drawn paste with probability ``lesion_paste_into_negatives``.
 
     With ``augment_device`` the crop (a cheap slice of the cached volume) is moved there before augmentation, so on
     a GPU the affine resampling — the costly step, ~0.5 s per 128³ crop on a CPU core — runs on the GPU."""
