@@ -134,6 +134,14 @@ class DataConfig:
         "all, as for positives; 0: none). A negative crop left blood-free still shows what no blood looks like, "
         "streaks and all, and with --empty_crop_dice_volume its false positives are charged.", default=1.0,
         metavar="FRACTION")
+    lesion_paste_at_bone: float = _flag(
+        "With --lesion_paste_prob: the fraction of the pastes of bleeds that lay against bone (subdural crescents) "
+        "placed against the crop's bone, facing it, instead of anywhere (0: anywhere): a crescent is learned where "
+        "crescents are.", default=0.0, metavar="FRACTION")
+    streak_augmentation_prob: float = _flag(
+        "Probability that a training crop gets 1-3 beam-hardening-like bright or dark bands across its head tissue "
+        "(label unchanged; 0: off): the look-alike a small cohort shows too rarely to learn it is not blood.",
+        default=0.0, metavar="PROB")
     num_workers: int | None = _flag("DataLoader worker processes (default: chosen from CPU count and free RAM).",
                                     default=None)
     allow_patient_overlap: bool = _flag(
@@ -359,7 +367,9 @@ class Config:
                             ("false_positive_crop_fraction", d.false_positive_crop_fraction),
                             ("augmentation_prob", d.augmentation_prob),
                             ("lesion_paste_prob", d.lesion_paste_prob),
-                            ("lesion_paste_into_negatives", d.lesion_paste_into_negatives)):
+                            ("lesion_paste_into_negatives", d.lesion_paste_into_negatives),
+                            ("lesion_paste_at_bone", d.lesion_paste_at_bone),
+                            ("streak_augmentation_prob", d.streak_augmentation_prob)):
             if not 0.0 <= value <= 1.0:
                 problems.append(f"--{name} must be in [0, 1], got {value}")
         if not 0 <= d.in_plane_rotation_deg <= 180:

@@ -84,6 +84,11 @@ logger = logging.getLogger("ichseg.learning_bench")
 # cohorts, from 3), eighth 0.755 -> 0.797 (negatives 15/15); the cost is holdout's 30 mL crescent (holdout 0.893 ->
 # 0.800, two seeds under 0.80) and 0.01-0.03 of Dice on repro, unseen and fresh; unseen's and ninth's streak negatives
 # stay (results/learning_bench.md, first section).
+# Tenth session: no change. Two opt-in options screened on the four failing cohorts (seed 0): streak artefacts in the
+# training crops (--streak_augmentation_prob, data/artefacts.py) empty the streak negatives (ninth 026 40 -> 0 mL) and
+# the bands beside eighth's bleeds, and cost the faint crescents (holdout 034 lost with every variant); pastes against
+# the crop's bone (--lesion_paste_at_bone) bring eighth's crescents back and ninth's streak with them. Streak and
+# crescent share a density (58-59 HU on 29 HU brain) (results/learning_bench.md, first section).
 RECIPE = ["--model", "tiny", "--device", "cpu", "--epochs", "100", "--max_steps_per_epoch", "10", "--lr", "2e-3",
           "--scratch_lr", "4e-3", "--gradient_accumulation_steps", "1", "--scheduler_type", "cosine",
           "--warmup_epochs", "1", "--click_rounds", "1", "--target_spacing", "1.5", "1.5", "1.5",

@@ -245,6 +245,8 @@ def build_dataloaders(data_config: DataConfig, preprocessing: Preprocessing, coh
                                   scale_augmentation=data_config.scale_augmentation,
                                   lesion_paste_prob=data_config.lesion_paste_prob,
                                   lesion_paste_into_negatives=data_config.lesion_paste_into_negatives,
+                                  streak_augmentation_prob=data_config.streak_augmentation_prob,
+                                  lesion_paste_at_bone=data_config.lesion_paste_at_bone,
                                   mined_crop_fraction=data_config.false_positive_crop_fraction)
     train_items = [_case_item(c, preprocessing) for c in cohort.train]
     val_items = [_case_item(c, preprocessing) for c in cohort.val]

@@ -5,7 +5,8 @@
               ──CropIndicesd──► + hemorrhage / head / hyperdense-tissue voxel indices and the air value
                                                                                      (train; cached in RAM)
               ──RandHemorrhageCropd → rotation about the slice axis → PadToRoid → flips / small affine /
-                intensity jitter──► S×S×S crops   (with --lesion_paste_prob, after the pad: a bleed of the cohort pasted in)
+                intensity jitter──► S×S×S crops   (with --lesion_paste_prob, after the pad: a bleed of the cohort pasted in;
+                                                   with --streak_augmentation_prob, then: streak bands added)
 
 Everything before the first random transform runs once per scan and is kept in the RAM cache, so no crop scans
 the whole volume for candidate centres: the indices were computed there.
@@ -45,6 +46,7 @@ from monai.transforms import (
     Transform,
 )
 
+from data.artefacts import RandStreakArtefactd
 from data.geometry import MaskOrientation, orient_mask
 from data.io import load_image_file, load_mask_file, slice_axis
 from data.lesion_paste import TISSUE_MEDIAN_KEY, LesionBank, RandLesionPasted
@@ -349,7 +351,8 @@ def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike,
                      augmentation_prob: float, augment_device: torch.device | None = None,
                      hard_negative_crop_fraction: float = 0.0, in_plane_rotation_deg: float = 0.0,
                      scale_augmentation: float = DEFAULT_SCALE_RANGE, lesion_paste_prob: float = 0.0,
-                     mined_crop_fraction: float = 0.0, lesion_paste_into_negatives: float = 1.0) -> Transforms:
+                     mined_crop_fraction: float = 0.0, lesion_paste_into_negatives: float = 1.0,
+                     streak_augmentation_prob: float = 0.0, lesion_paste_at_bone: float = 0.0) -> Transforms:
     """Train: train_cached → train_random → finalize; val: val_cached → finalize. Crops are
     ``preprocessing.input_size`` on a side.
 
@@ -363,7 +366,9 @@ def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike,
     (``Preprocessing.intensity_unit``). With ``lesion_paste_prob`` > 0, that fraction of crops first gets one of
     the training set's bleeds pasted at a random head-tissue position (data.lesion_paste; the bank in
     ``Transforms.lesion_bank`` is filled by the loader from the cached training scans); a crop of an
-    ICH-negative scan keeps its drawn paste with probability ``lesion_paste_into_negatives``.
+    ICH-negative scan keeps its drawn paste with probability ``lesion_paste_into_negatives``, and a bleed that lay
+    against bone goes against the crop's bone with probability ``lesion_paste_at_bone``. Then
+    ``streak_augmentation_prob`` of the crops get beam-hardening-like bands (data.artefacts), the label unchanged.
 
     With ``augment_device`` the crop (a cheap slice of the cached volume) is moved there before augmentation, so on
     a GPU the affine resampling — the costly step, ~0.5 s per 128³ crop on a CPU core — runs on the GPU."""
@@ -374,10 +379,12 @@ def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike,
     jitter = int(roi_size * CENTRE_JITTER_FRACTION)
     # Only when asked for: a random transform more in the Compose would reseed every later one.
     rotate = [RandSliceRotated(prob, in_plane_rotation_deg)] if in_plane_rotation_deg > 0 else []
-    bank = LesionBank() if lesion_paste_prob > 0 else None
+    bank = LesionBank(intensity_unit=unit) if lesion_paste_prob > 0 else None
     paste = ([RandLesionPasted(bank, lesion_paste_prob, intensity_unit=unit, slice_axis_key=SLICE_AXIS_KEY,
-                               into_negatives=lesion_paste_into_negatives)]
+                               into_negatives=lesion_paste_into_negatives, at_bone=lesion_paste_at_bone)]
              if bank is not None else [])
+    streaks = ([RandStreakArtefactd(streak_augmentation_prob, intensity_unit=unit, slice_axis_key=SLICE_AXIS_KEY)]
+               if streak_augmentation_prob > 0 else [])
     train_random = Compose([
         RandHemorrhageCropd(roi_size + 2 * jitter, positive_crop_fraction,
                             hard_negative_fraction=hard_negative_crop_fraction, mined_fraction=mined_crop_fraction),
@@ -386,6 +393,7 @@ def build_transforms(preprocessing: Preprocessing, cache_dir: str | os.PathLike,
         RandSpatialCropd(keys, roi_size=(roi_size,) * 3, random_size=False),
         PadToRoid(roi_size),
         *paste,
+        *streaks,
         # No canonical orientation is known (array order is the file's), so every axis may be mirrored.
         RandFlipd(keys, prob=prob, spatial_axis=0),
         RandFlipd(keys, prob=prob, spatial_axis=1),

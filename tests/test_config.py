@@ -123,7 +123,8 @@ def test_impossible_settings_are_all_reported_at_once(tmp_path):
                       "--hard_negative_crop_fraction", "1.5", "--empty_crop_dice_volume", "-0.1",
                       "--min_component_peak", "1", "--hard_case_fraction", "-0.5", "--scale_augmentation", "1",
                       "--final_hemorrhage_weight", "0.5", "--false_positive_crop_fraction", "2",
-                      "--false_positive_mining_every", "0", "--lesion_paste_into_negatives", "-1"])
+                      "--false_positive_mining_every", "0", "--lesion_paste_into_negatives", "-1",
+                      "--streak_augmentation_prob", "1.5"])
     problems = "\n".join(caught.value.problems)
     for expected in ("nope.csv: file not found", "--val_csv is required", "--mask_dir is required",
                      "--batch_size must be >= 1, got 0", "--lr must be > 0", "--hu_window needs low < high",
@@ -138,6 +139,7 @@ def test_impossible_settings_are_all_reported_at_once(tmp_path):
                      "--final_hemorrhage_weight must be in [1, 10], got 0.5",
                      "--false_positive_crop_fraction must be in [0, 1], got 2.0",
                      "--lesion_paste_into_negatives must be in [0, 1], got -1.0",
+                     "--streak_augmentation_prob must be in [0, 1], got 1.5",
                      "--false_positive_mining_every must be >= 1, got 0"):
         assert expected in problems
     assert len(caught.value.problems) >= 8

@@ -139,6 +139,11 @@ def test_pipeline_has_a_bank_only_when_asked_for(tmp_path):
     assert off.lesion_bank is None and not any(isinstance(t, P.RandLesionPasted) for t in off.train_random.transforms)
     assert isinstance(on.lesion_bank, P.LesionBank)
     assert any(isinstance(t, P.RandLesionPasted) for t in on.train_random.transforms)
+    at_bone = build_transforms(prep(input_size=16), tmp_path, 0.75, 0.3, lesion_paste_prob=1.0,
+                               lesion_paste_at_bone=0.5)
+    assert [t.at_bone for t in at_bone.train_random.transforms if isinstance(t, P.RandLesionPasted)] == [0.5]
+    # The bank finds bone with the pipeline's own yardstick (one head-tissue standard deviation).
+    assert at_bone.lesion_bank.intensity_unit == prep(input_size=16).intensity_unit()
 
 
 def label_sums(data_config, cohort) -> dict[tuple[int, str], float]:
@@ -214,3 +219,90 @@ def test_without_negatives_the_loader_pastes_into_positive_scans_only(tmp_path):
     assert pasted.keys() == without.keys()
     assert all(pasted[key] == without[key] == 0 for key in without if key[1] in ("002", "004"))
     assert sum(pasted[key] > without[key] for key in without if key[1] in ("001", "003")) >= 4
+
+
+# --- Pastes against bone (--lesion_paste_at_bone) ---------------------------------------------------------------
+
+def scan_with_a_crescent_and_a_bleed_inside() -> dict:
+    """A 1×32×32×32 cached item: bone slab along axis 0, a 2-voxel-thick plate of blood against it, and a 4³ bleed in
+    the middle of the brain."""
+    image = np.full((1, 32, 32, 32), BRAIN, dtype=np.float32)
+    image[0, :4] = BRAIN + BONE
+    label = np.zeros(image.shape, dtype=np.uint8)
+    for box in ((slice(4, 6), slice(8, 20), slice(8, 20)), (slice(20, 24), slice(20, 24), slice(20, 24))):
+        image[0][box] += BLOOD
+        label[0][box] = 1
+    return {"image": image, "label": label, P.TISSUE_MEDIAN_KEY: BRAIN, "case_id": "s1"}
+
+
+def test_bank_knows_which_bleeds_lay_against_bone():
+    bank = P.LesionBank(intensity_unit=1.0)
+    bank.add_items([scan_with_a_crescent_and_a_bleed_inside()])
+    assert sorted(lesion.against_bone for lesion in bank.lesions) == [False, True]
+    crescent = next(lesion for lesion in bank.lesions if lesion.against_bone)
+    assert crescent.contact.sum() >= 12 * 12  # the bone face under the plate
+    assert not (crescent.contact & crescent.mask).any()
+
+
+@pytest.mark.parametrize("bone_side", ["axis 1 high", "axis 0 low", "axis 0 high"])
+def test_a_crescent_goes_against_the_crops_bone_facing_it(bone_side):
+    bank = P.LesionBank(intensity_unit=1.0)
+    bank.add_items([scan_with_a_crescent_and_a_bleed_inside()])
+    bank.lesions = [lesion for lesion in bank.lesions if lesion.against_bone]
+    axis, high = int(bone_side[5]), bone_side.endswith("high")
+    paste = P.RandLesionPasted(bank, prob=1.0, at_bone=1.0)
+    for seed in range(6):
+        crop = crop_of(median=BRAIN, size=32)
+        crop["image"][0] = BRAIN  # only the bone of this test
+        bone = torch.zeros((32, 32, 32), dtype=torch.bool)
+        bone.narrow(axis, 28 if high else 0, 4).fill_(True)
+        crop["image"][0][bone] = BRAIN + BONE
+        paste.set_random_state(seed)
+        label = paste(crop)["label"][0].bool()
+        assert label.sum() >= 40 and not (label & bone).any()
+        # Every pasted voxel lies within the plate's 2 voxels of the bone: it was turned and mirrored to face it.
+        depth = torch.nonzero(label)[:, axis]
+        distance = (27 - depth) if high else (depth - 4)
+        assert distance.min() == 0 and distance.max() <= 1
+
+
+def test_inside_bleeds_and_crops_without_bone_are_placed_as_before():
+    bank = P.LesionBank(intensity_unit=1.0)
+    bank.add_items([scan_with_a_crescent_and_a_bleed_inside()])
+    inside = P.LesionBank(intensity_unit=1.0)
+    inside.lesions = [lesion for lesion in bank.lesions if not lesion.against_bone]
+    for seed in range(5):
+        # A bleed inside the brain: at_bone draws nothing more, so the crop is the one at_bone 0 makes.
+        outs = []
+        for at_bone in (0.0, 1.0):
+            paste = P.RandLesionPasted(inside, prob=1.0, at_bone=at_bone)
+            paste.set_random_state(seed)
+            outs.append(paste(crop_of())["label"])
+        assert torch.equal(*outs)
+    crescent_only = P.LesionBank(intensity_unit=1.0)
+    crescent_only.lesions = [lesion for lesion in bank.lesions if lesion.against_bone]
+    no_bone = crop_of(median=BRAIN, size=32)
+    no_bone["image"][0] = BRAIN
+    pasted = 0
+    for seed in range(5):
+        paste = P.RandLesionPasted(crescent_only, prob=1.0, at_bone=1.0)
+        paste.set_random_state(seed)
+        pasted += int(paste(no_bone)["label"].sum() > 0)
+    assert pasted == 5  # no bone in the crop: anywhere, as without the option
+
+
+def test_at_bone_outside_0_1_is_refused():
+    with pytest.raises(ValueError, match="at_bone"):
+        P.RandLesionPasted(P.LesionBank(), prob=1.0, at_bone=1.5)
+
+
+def test_dilation_grows_a_mask_by_a_cube():
+    mask = torch.zeros((9, 9, 9), dtype=torch.bool)
+    mask[4, 4, 4] = True
+    mask[0, 0, 8] = True
+    grown = P.dilated(mask, 2)
+    expected = np.zeros((9, 9, 9), dtype=bool)
+    expected[2:7, 2:7, 2:7] = True
+    expected[0:3, 0:3, 6:9] = True
+    np.testing.assert_array_equal(grown.numpy(), expected)
+    assert torch.equal(P.dilated(mask, 0), mask)
