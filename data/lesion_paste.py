@@ -42,8 +42,8 @@ BLEND_SIGMA_VOXELS = 0.75
 # bone are never painted, so a bleed placed at the skull is cut by it, the way a real one is.
 TISSUE_BELOW_MEDIAN, TISSUE_ABOVE_MEDIAN = 1.0, 1.5
 # A bleed lies against bone (a subdural or epidural crescent, a cortical bleed at the inner table) when at least this
-# many bone voxels of its box touch it; with ``at_bone`` its pastes go against the crop's bone, the side that touched
-# bone first (data.transforms' bone margin is the same +1.5 head-tissue standard deviations).
+# many bone voxels of its box touch it (bone: the tissue band's upper edge, +1.5 head-tissue standard deviations, the
+# bone margin of data.transforms); with ``at_bone`` its pastes go against the crop's bone, the touching side facing it.
 MIN_CONTACT_VOXELS = 4
 # Radius (voxels) of the neighbourhood whose bone voxels say which way the bone lies from a tissue voxel next to it.
 BONE_SEARCH_VOXELS = 3
@@ -241,7 +241,8 @@ class RandLesionPasted(RandomizableTransform, MapTransform):
         turned = towards.copy()
         turned[list(in_plane)] = towards[list(in_plane[::-1])]
         if np.abs(turned * to_bone).sum() > np.abs(towards * to_bone).sum():
-            arrays, contact, towards = (*(np.swapaxes(a, *in_plane) for a in arrays),), np.swapaxes(contact, *in_plane), turned
+            arrays = tuple(np.swapaxes(a, *in_plane) for a in arrays)
+            contact, towards = np.swapaxes(contact, *in_plane), turned
         flips = tuple(axis for axis in range(3) if towards[axis] * to_bone[axis] < 0)
         arrays, contact = _flipped(arrays, flips), _flipped((contact,), flips)[0]
         target = anchor + to_bone

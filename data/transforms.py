@@ -5,8 +5,8 @@
               ──CropIndicesd──► + hemorrhage / head / hyperdense-tissue voxel indices and the air value
                                                                                      (train; cached in RAM)
               ──RandHemorrhageCropd → rotation about the slice axis → PadToRoid → flips / small affine /
-                intensity jitter──► S×S×S crops   (with --lesion_paste_prob, after the pad: a bleed of the cohort pasted in;
-                                                   with --streak_augmentation_prob, then: streak bands added)
+                intensity jitter──► S×S×S crops   (with --lesion_paste_prob, after the pad: a bleed of the
+                                                   cohort pasted in; with --streak_augmentation_prob, then: bands)
 
 Everything before the first random transform runs once per scan and is kept in the RAM cache, so no crop scans
 the whole volume for candidate centres: the indices were computed there.

@@ -1,4 +1,4 @@
-"""Streak artefact augmentation (data.artefacts): where bands go, what they leave alone, and its place in the loaders."""
+"""Streak artefact augmentation (data.artefacts): where bands go, what they leave alone, its place in the loaders."""
 from __future__ import annotations
 
 import numpy as np

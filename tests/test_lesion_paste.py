@@ -224,8 +224,8 @@ def test_without_negatives_the_loader_pastes_into_positive_scans_only(tmp_path):
 # --- Pastes against bone (--lesion_paste_at_bone) ---------------------------------------------------------------
 
 def scan_with_a_crescent_and_a_bleed_inside() -> dict:
-    """A 1×32×32×32 cached item: bone slab along axis 0, a 2-voxel-thick plate of blood against it, and a 4³ bleed in
-    the middle of the brain."""
+    """A 1×32×32×32 cached item: bone slab along axis 0, a 2-voxel-thick plate of blood against it, and a 4³
+    bleed in the middle of the brain."""
     image = np.full((1, 32, 32, 32), BRAIN, dtype=np.float32)
     image[0, :4] = BRAIN + BONE
     label = np.zeros(image.shape, dtype=np.uint8)
