@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import torch
 from monai.transforms import MapTransform, RandomizableTransform
 
-from data.lesion_paste import TISSUE_ABOVE_MEDIAN, TISSUE_BELOW_MEDIAN, TISSUE_MEDIAN_KEY, dilated
+from data.lesion_paste import dilated, tissue_and_bone
 from data.normalization import HEAD_TISSUE_STD_HU
 
 MAX_STREAKS = 3
@@ -83,19 +83,14 @@ class RandStreakArtefactd(RandomizableTransform, MapTransform):
             run = max(1, int(round(self.R.uniform(*STREAK_SLICE_RUN) * n_slices)))
             first = int(self.R.randint(0, max(1, n_slices - run + 1)))
             per_slice = torch.zeros(n_slices, device=device, dtype=torch.float32)
-            per_slice[first:first + run] = torch.from_numpy(
-                self.R.uniform(0.5, 1.0, size=min(run, n_slices - first)).astype("float32")).to(device)
+            per_slice[first:first + run] = torch.from_numpy(self.R.uniform(0.5, 1.0, size=run).astype("float32"))
             distance = u * math.cos(angle) + v * math.sin(angle) - offset
             band = torch.exp(-0.5 * (distance / sigma) ** 2)
             artefact += (contrast * hu_to_units) * band * per_slice.reshape(view_k)
 
-        median = float(d[TISSUE_MEDIAN_KEY]) if TISSUE_MEDIAN_KEY in d else float(torch.median(as_tensor))
-        tissue = ((as_tensor[0] > median - TISSUE_BELOW_MEDIAN * self.intensity_unit)
-                  & (as_tensor[0] < median + TISSUE_ABOVE_MEDIAN * self.intensity_unit))
+        _, tissue, bone = tissue_and_bone(d, as_tensor, self.intensity_unit)
         near_blood = dilated(torch.as_tensor(d[self.label_key]).to(device)[0], 1)
-        near_bone = dilated(as_tensor[0] >= median + TISSUE_ABOVE_MEDIAN * self.intensity_unit,
-                            STREAK_BONE_CLEARANCE_VOXELS)
-        artefact = artefact * (tissue & ~near_blood & ~near_bone)
+        artefact = artefact * (tissue & ~near_blood & ~dilated(bone, STREAK_BONE_CLEARANCE_VOXELS))
 
         image = image.clone() if isinstance(image, torch.Tensor) else image.copy()
         torch.as_tensor(image)[0].add_(artefact.to(as_tensor.dtype))

@@ -94,11 +94,26 @@ class LesionBank:
                                for s, n in zip(box, label.shape))
                 mask = components[rimmed] == index
                 alpha = np.maximum(mask, ndimage.gaussian_filter(mask.astype(np.float32), BLEND_SIGMA_VOXELS))
-                bone = image[rimmed] >= median + TISSUE_ABOVE_MEDIAN * self.intensity_unit
+                bone = image[rimmed] >= bone_floor(median, self.intensity_unit)
                 contact = bone & ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3), dtype=bool)) & ~mask
                 self.lesions.append(Lesion(image[rimmed] - median, mask, alpha.astype(np.float32), contact))
         logger.info("lesion paste: %d hemorrhages in the bank, %d against bone", len(self.lesions),
                     sum(lesion.against_bone for lesion in self.lesions))
+
+
+def bone_floor(median: float, intensity_unit: float) -> float:
+    """The density where bone begins: ``TISSUE_ABOVE_MEDIAN`` head-tissue standard deviations above the median."""
+    return median + TISSUE_ABOVE_MEDIAN * intensity_unit
+
+
+def tissue_and_bone(data: Mapping[str, Any], image: torch.Tensor, intensity_unit: float
+                    ) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """A crop's tissue median and its head-tissue and bone masks (S×S×S bool, from ``image`` 1×S×S×S): tissue is
+    ``TISSUE_BELOW_MEDIAN``..``TISSUE_ABOVE_MEDIAN`` standard deviations about the scan's tissue median (CropIndicesd
+    put it in ``data``; a crop from elsewhere falls back on its own median), bone is everything above that."""
+    median = float(data[TISSUE_MEDIAN_KEY]) if TISSUE_MEDIAN_KEY in data else float(torch.median(image))
+    floor = bone_floor(median, intensity_unit)
+    return median, (image[0] > median - TISSUE_BELOW_MEDIAN * intensity_unit) & (image[0] < floor), image[0] >= floor
 
 
 def dilated(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -174,15 +189,11 @@ class RandLesionPasted(RandomizableTransform, MapTransform):
 
         image, label = d[self.image_key], d[self.label_key]
         as_tensor = torch.as_tensor(image)
-        # The scan's tissue median (CropIndicesd); a crop from elsewhere falls back on its own median.
-        median = float(d[TISSUE_MEDIAN_KEY]) if TISSUE_MEDIAN_KEY in d else float(torch.median(as_tensor))
-        low = median - TISSUE_BELOW_MEDIAN * self.intensity_unit
-        high = median + TISSUE_ABOVE_MEDIAN * self.intensity_unit
-        tissue = (as_tensor[0] > low) & (as_tensor[0] < high)
+        median, tissue, bone = tissue_and_bone(d, as_tensor, self.intensity_unit)
         centre = None
         # No extra draw when off or for a bleed inside the brain: the earlier recipes' random stream stays.
         if self.at_bone > 0 and lesion.against_bone and self.R.rand() < self.at_bone:
-            placed = self._against_bone(tissue, as_tensor[0] >= high, (source, mask, alpha), contact, in_plane)
+            placed = self._against_bone(tissue, bone, (source, mask, alpha), contact, in_plane)
             if placed is not None:
                 centre, (source, mask, alpha) = placed
         if centre is None:
